@@ -1,0 +1,71 @@
+"""Choosing and opening the GPU a job measures on."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from phasewatt.errors import ConfigError
+
+
+def nvidia_gpu_visible() -> bool:
+    """True when NVML loads and reports at least one device."""
+    try:
+        import pynvml
+    except ImportError:
+        return False
+    try:
+        pynvml.nvmlInit()
+    except Exception:
+        return False
+    try:
+        return pynvml.nvmlDeviceGetCount() > 0
+    except Exception:
+        return False
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
+def resolve_device(device: str, quiet: bool = False) -> str:
+    """auto -> nvml when an NVIDIA GPU is visible, else sim (said on stderr)."""
+    if device in ("nvml", "sim"):
+        return device
+    if device != "auto":
+        raise ConfigError(f"device: {device!r} is not allowed; allowed: auto, nvml, sim")
+    if nvidia_gpu_visible():
+        return "nvml"
+    if not quiet:
+        print("phasewatt: no NVIDIA GPU visible: measuring on the SIMULATED GPU (device: sim)", file=sys.stderr)
+    return "sim"
+
+
+def resolve_engine(engine: str, device: str) -> str:
+    if engine == "auto":
+        return "sim" if device == "sim" else "native"
+    if engine == "sim" and device != "sim":
+        raise ConfigError("engine: 'sim' runs only on the simulated GPU; allowed with device nvml: native, vllm, microbench")
+    if engine in ("native", "microbench") and device == "sim":
+        raise ConfigError(f"engine: {engine!r} needs a real GPU (device: nvml); allowed with device sim: sim, vllm")
+    return engine
+
+
+def gpu_index_from_env() -> int:
+    """The physical GPU index this process was given (first of CUDA_VISIBLE_DEVICES)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    return int(visible) if visible.isdigit() else 0
+
+
+def open_gpu(device: str, gpu_key: str, index: int | None = None):
+    index = gpu_index_from_env() if index is None else index
+    if device == "sim":
+        from phasewatt.gpu.sim import SimGpu
+
+        return SimGpu(gpu_key, index=index)
+    if device == "nvml":
+        from phasewatt.gpu.nvml import NvmlGpu
+
+        return NvmlGpu(index)
+    raise ConfigError(f"device: {device!r} is not allowed; allowed: nvml, sim")
