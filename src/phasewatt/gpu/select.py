@@ -31,10 +31,10 @@ def nvidia_gpu_visible() -> bool:
 
 def resolve_device(device: str, quiet: bool = False) -> str:
     """auto -> nvml when an NVIDIA GPU is visible, else sim (said on stderr)."""
-    if device in ("nvml", "sim"):
+    if device in ("nvml", "sim", "null"):
         return device
     if device != "auto":
-        raise ConfigError(f"device: {device!r} is not allowed; allowed: auto, nvml, sim")
+        raise ConfigError(f"device: {device!r} is not allowed; allowed: auto, nvml, sim, null")
     if nvidia_gpu_visible():
         return "nvml"
     if not quiet:
@@ -68,4 +68,8 @@ def open_gpu(device: str, gpu_key: str, index: int | None = None):
         from phasewatt.gpu.nvml import NvmlGpu
 
         return NvmlGpu(index)
-    raise ConfigError(f"device: {device!r} is not allowed; allowed: nvml, sim")
+    if device == "null":
+        from phasewatt.gpu.null import NullGpu
+
+        return NullGpu(gpu_key, index=index)
+    raise ConfigError(f"device: {device!r} is not allowed; allowed: nvml, sim, null")
