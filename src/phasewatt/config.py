@@ -151,3 +151,11 @@ def exit_on_error(func, *args, **kwargs):
     except PhasewattError as err:
         print(f"phasewatt: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def validate_record(record: dict) -> None:
+    """Check a run record against the run-record schema (raises ConfigError, one line)."""
+    validator = jsonschema.Draft202012Validator(load_schema("run_record.schema.yaml"))
+    errors = sorted(validator.iter_errors(record), key=lambda e: len(e.absolute_path))
+    if errors:
+        raise ConfigError(f"run record {record.get('run_id', '?')}: {_schema_message(errors[0])}")

@@ -170,7 +170,16 @@ def dvfs_applied(gpu, setting: DvfsSetting, *, journal_dir, allowed: bool):
     if setting.kind == "default":
         yield {"requested": setting.token, **_apply(gpu, setting)}
         return
-    if not allowed and not getattr(gpu, "virtual_time", False):
+    if getattr(gpu, "virtual_time", False):
+        # A simulated GPU lives and dies with this process: nothing outlives it to journal.
+        original_limit, original_lock = gpu.power_limit_w(), gpu.locked_sm_clock_mhz()
+        try:
+            yield {"requested": setting.token, **_apply(gpu, setting)}
+        finally:
+            gpu.set_power_limit_w(original_limit)
+            gpu.unlock_sm_clock() if original_lock is None else gpu.lock_sm_clock_mhz(original_lock)
+        return
+    if not allowed:
         raise DvfsError(f"dvfs {setting.token}: DVFS control is off; {OPT_IN_HINT}")
     path = journal_path(journal_dir, gpu)
     if path.exists():

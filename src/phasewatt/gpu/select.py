@@ -58,12 +58,13 @@ def gpu_index_from_env() -> int:
     return int(visible) if visible.isdigit() else 0
 
 
-def open_gpu(device: str, gpu_key: str, index: int | None = None):
+def open_gpu(device: str, gpu_key: str, index: int | None = None, seed: int = 0):
+    """Open the GPU of this process; `seed` drives the simulator's run-to-run variation."""
     index = gpu_index_from_env() if index is None else index
     if device == "sim":
         from phasewatt.gpu.sim import SimGpu
 
-        return SimGpu(gpu_key, index=index)
+        return SimGpu(gpu_key, index=index, seed=seed)
     if device == "nvml":
         from phasewatt.gpu.nvml import NvmlGpu
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import random
 from dataclasses import dataclass
 
 from phasewatt.gpu.base import GPU_IDLE, SW_POWER_CAP, SW_THERMAL_SLOWDOWN, Sample, read_sample
@@ -47,7 +48,7 @@ class SimGpu:
 
     COUNTER_BASE_MJ = 1_234_567_890  # counters count since driver load, never from zero
 
-    def __init__(self, spec: GpuSpec | str = "H200", index: int = 0, sensor_phase_s: float = 0.0371):
+    def __init__(self, spec: GpuSpec | str = "H200", index: int = 0, seed: int = 0, sensor_phase_s: float = 0.0371):
         self.spec = gpu_spec(spec) if isinstance(spec, str) else spec
         self.name = f"{self.spec.name} (simulated)"
         self.index = index
@@ -65,6 +66,9 @@ class SimGpu:
         gemm_act = self._gemm_probe_memory_activity()
         rest = v["gemm_power_w"] - self._idle_power(gemm_f) - gemm_act * self._p_hbm_full
         self._p_tensor_full = rest / self._g(gemm_f) - gemm_act * self._p_stream_full
+        # Run-to-run variation: white jitter per workload plus a slow drift of power.
+        self._rng = random.Random(seed)
+        self._drift = 0.0
         # State.
         self._t = 0.0
         self._power_limit = float(v["power_limit_max_w"])
@@ -161,8 +165,15 @@ class SimGpu:
     def execute(self, work: Workload) -> OperatingPoint:
         """Run one workload to completion (the device is synchronous in virtual time)."""
         point = self.choose_clock(work)
-        self._advance(point.seconds, point.power_w, point.sm_clock_mhz, point.reasons)
-        return point
+        v = self._v
+        seconds = point.seconds * (1.0 + self._rng.gauss(0.0, v["jitter_time_rel"]))
+        decay = math.exp(-seconds / v["drift_tau_s"])
+        self._drift = self._drift * decay + v["drift_power_rel"] * math.sqrt(1 - decay * decay) * self._rng.gauss(0, 1)
+        watts = point.power_w * (1.0 + self._drift + self._rng.gauss(0.0, v["jitter_power_rel"]))
+        if point.reasons & SW_POWER_CAP:  # firmware holds the cap, noise or not
+            watts = min(watts, self._power_limit)
+        self._advance(seconds, watts, point.sm_clock_mhz, point.reasons)
+        return OperatingPoint(point.sm_clock_mhz, seconds, watts, point.reasons)
 
     def schedule_every(self, interval_s: float, callback) -> object:
         """Call callback() every interval_s of virtual time (the sampler's tick)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import zlib
 import socket
 import time
 from pathlib import Path
@@ -64,7 +65,7 @@ def run_job(config: dict, job: Job, record_path, trace_path, journal_dir, gpu=No
     device = "sim" if gpu is not None and gpu.virtual_time else resolve_device(config["device"])
     engine_name = resolve_engine(config["engine"], device)
     own_gpu = gpu is None
-    gpu = gpu or open_gpu(device, config["gpu"])
+    gpu = gpu or open_gpu(device, config["gpu"], seed=zlib.crc32(job.run_id.encode()) ^ int(config["seed"]))
     try:
         setting = parse_dvfs(
             job.dvfs,
