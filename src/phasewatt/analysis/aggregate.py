@@ -91,3 +91,16 @@ def aggregate(record_paths) -> tuple[pd.DataFrame, pd.DataFrame]:
         statuses.append(status_row(record))
     measurements = pd.DataFrame(rows)
     return measurements, pd.DataFrame(statuses)
+
+
+def concatenate(measurement_paths, status_paths, *, parquet_out, csv_out, status_out) -> pd.DataFrame:
+    """Join the per-model tables into the study's one table (parquet and CSV) and status."""
+    from phasewatt.io import write_csv, write_parquet
+
+    frames = [pd.read_parquet(path) for path in measurement_paths]
+    measurements = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) else pd.DataFrame()
+    status = pd.concat([pd.read_csv(path) for path in status_paths], ignore_index=True)
+    write_parquet(parquet_out, measurements)
+    write_csv(csv_out, measurements)
+    write_csv(status_out, status)
+    return measurements

@@ -31,10 +31,10 @@ def nvidia_gpu_visible() -> bool:
 
 def resolve_device(device: str, quiet: bool = False) -> str:
     """auto -> nvml when an NVIDIA GPU is visible, else sim (said on stderr)."""
-    if device in ("nvml", "sim", "null"):
+    if device in ("nvml", "sim", "none"):
         return device
     if device != "auto":
-        raise ConfigError(f"device: {device!r} is not allowed; allowed: auto, nvml, sim, null")
+        raise ConfigError(f"device: {device!r} is not allowed; allowed: auto, nvml, sim, none")
     if nvidia_gpu_visible():
         return "nvml"
     if not quiet:
@@ -69,8 +69,8 @@ def open_gpu(device: str, gpu_key: str, index: int | None = None, seed: int = 0)
         from phasewatt.gpu.nvml import NvmlGpu
 
         return NvmlGpu(index)
-    if device == "null":
+    if device == "none":
         from phasewatt.gpu.null import NullGpu
 
         return NullGpu(gpu_key, index=index)
-    raise ConfigError(f"device: {device!r} is not allowed; allowed: nvml, sim, null")
+    raise ConfigError(f"device: {device!r} is not allowed; allowed: nvml, sim, none")
