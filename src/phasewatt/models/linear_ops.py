@@ -1,0 +1,268 @@
+"""The recurrences of the linear-attention models (Gated DeltaNet, Mamba2's SSD) and their
+short causal convolutions, in three forms:
+
+- chunked, pure torch: the prefill path on CPU and the reference the GPU path is checked
+  against. Within a chunk everything is matrix products; only the state is carried from one
+  chunk to the next, so the Python loop runs T / chunk_size times.
+- one step, pure torch, updating a fixed-shape state buffer in place: the decode path, free of
+  host syncs and data-dependent shapes so that a CUDA graph can capture it.
+- fla-core's Triton kernels: the prefill path on CUDA. fla is imported only when the tensors
+  are on a CUDA device, so the CPU path never touches triton.
+
+Layouts follow fla: q, k [B, T, H, K], v [B, T, H, V], per-head gates g, beta [B, T, H];
+the state of one sequence and head is a [K, V] matrix kept in float32, and a token reads it as
+o = scale * q^T S. Mamba2's SSD is the special case without the delta correction
+(fla's simple GLA): q = C, k = B, v = x * dt, g = dt * A, scale 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+GDN_CHUNK_SIZE = 64
+L2_NORM_EPS = 1e-6
+BACKENDS = ("auto", "torch", "fla")
+
+
+def l2_normalize(x: torch.Tensor, eps: float = L2_NORM_EPS) -> torch.Tensor:
+    """x / sqrt(sum(x^2) + eps) over the last dim, in float32 (what fla's in-kernel
+    q/k normalisation computes)."""
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
+# ----- short causal convolution ---------------------------------------------------------------
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """Depthwise causal convolution over a whole prompt.
+
+    x [B, T, C], weight [C, W]. Returns the output [B, T, C] (no activation) and the conv state
+    [B, C, W-1]: the last W-1 inputs, zero where the prompt is shorter than that.
+    """
+    width = weight.shape[-1]
+    padded = F.pad(x.transpose(1, 2), (width - 1, 0))
+    out = F.conv1d(padded, weight.unsqueeze(1), bias, groups=weight.shape[0])
+    return out.transpose(1, 2), padded[:, :, padded.shape[-1] - (width - 1) :]
+
+
+def causal_conv1d_step(
+    x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One token of the causal convolution: x [B, C]; conv_state [B, C, W-1] is shifted in place."""
+    window = torch.cat([conv_state, x.unsqueeze(-1)], dim=-1)
+    out = (window * weight).sum(-1)
+    if bias is not None:
+        out = out + bias
+    conv_state.copy_(window[:, :, 1:])
+    return out
+
+
+# ----- helpers of the chunked forms ---------------------------------------------------------
+def _to_chunks(x: torch.Tensor, pad: int, chunk_size: int) -> torch.Tensor:
+    """[B, T, H, ...] -> float32 [B, H, N, chunk_size, ...], zero-padded at the end of T."""
+    x = x.float().movedim(1, 2)
+    if pad:
+        x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, pad))
+    return x.reshape(x.shape[0], x.shape[1], -1, chunk_size, *x.shape[3:])
+
+
+def _chunk_decays(g: torch.Tensor):
+    """From per-token log decays g [B, H, N, C]: the cumulative decay inside each chunk G,
+    the causal pair decays exp(G_i - G_j) for j <= i (0 above the diagonal),
+    exp(G_i) (state at chunk start -> position i), exp(G_last - G_j) (position j -> chunk end)
+    and exp(G_last) (whole chunk)."""
+    cum = g.cumsum(-1)
+    size = g.shape[-1]
+    causal = torch.ones(size, size, dtype=torch.bool, device=g.device).tril()
+    pair = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(~causal, float("-inf")).exp()
+    last = cum[..., -1:]
+    return pair, cum.exp(), (last - cum).exp(), last.exp()
+
+
+def _from_chunks(o: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, H, N, C, V] -> [B, T, H, V] without the padding."""
+    o = o.reshape(o.shape[0], o.shape[1], -1, o.shape[-1])[:, :, :length]
+    return o.movedim(1, 2).to(dtype)
+
+
+def _initial_state(initial_state, shape, device) -> torch.Tensor:
+    if initial_state is None:
+        return torch.zeros(shape, dtype=torch.float32, device=device)
+    return initial_state.float().clone()
+
+
+# ----- gated delta rule -------------------------------------------------------------------------
+def chunk_gated_delta_rule_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None = None,
+    chunk_size: int = GDN_CHUNK_SIZE,
+):
+    """Gated delta rule over a sequence, chunk by chunk (the WY/UT form).
+
+    Per token: S <- exp(g) S; S <- S + k (beta (v - S^T k))^T; o = scale * S^T q.
+    Inside a chunk, the corrections u_i = beta_i (v_i - (decayed S before i)^T k_i) solve a unit
+    lower-triangular system (I + A) u = beta v - beta exp(G) k S0 with
+    A_ij = beta_i exp(G_i - G_j) k_i.k_j (j < i); the state is carried across chunks only.
+    q and k are used as given (normalise them first). Returns o [B, T, H, V] in v's dtype and
+    the final state [B, H, K, V] in float32. Padded tail positions have g = beta = 0 and so
+    leave the state untouched.
+    """
+    batch, length, heads, kdim = k.shape
+    vdim = v.shape[-1]
+    pad = (-length) % chunk_size
+    qc, kc, vc = (_to_chunks(t, pad, chunk_size) for t in (q, k, v))
+    gc, bc = (_to_chunks(t, pad, chunk_size) for t in (g, beta))
+    pair, decay_in, decay_to_end, decay_chunk = _chunk_decays(gc)
+
+    k_beta = kc * bc.unsqueeze(-1)
+    a_strict = ((k_beta @ kc.transpose(-1, -2)) * pair).tril(-1)
+    # (I + A) [u0 | w] = [beta v | beta exp(G) k]; the unit diagonal is implied.
+    rhs = torch.cat([vc * bc.unsqueeze(-1), k_beta * decay_in.unsqueeze(-1)], dim=-1)
+    solved = torch.linalg.solve_triangular(a_strict, rhs, upper=False, unitriangular=True)
+    u0, w = solved.split([vdim, kdim], dim=-1)
+    scores = ((qc * scale) @ kc.transpose(-1, -2)) * pair
+    q_from_start = qc * (scale * decay_in.unsqueeze(-1))
+    k_to_end = (kc * decay_to_end.unsqueeze(-1)).transpose(-1, -2)
+
+    state = _initial_state(initial_state, (batch, heads, kdim, vdim), q.device)
+    out = torch.empty_like(u0)
+    for n in range(qc.shape[2]):
+        u = u0[:, :, n] - w[:, :, n] @ state
+        out[:, :, n] = q_from_start[:, :, n] @ state + scores[:, :, n] @ u
+        state = state * decay_chunk[:, :, n].unsqueeze(-1) + k_to_end[:, :, n] @ u
+    return _from_chunks(out, length, v.dtype), state
+
+
+def gated_delta_step(
+    state: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One token of the gated delta rule; state [B, H, K, V] (float32) is updated in place.
+
+    q, k [B, H, K], v [B, H, V], g, beta [B, H]. Returns o [B, H, V] in float32. Both reads of
+    the old state (k for the prediction, q for the output) are one batched product, and the
+    output is rebuilt from it, so the state is read three times and written twice per step.
+    """
+    batch, heads, kdim, vdim = state.shape
+    qs, kf = q.float() * scale, k.float()
+    read = torch.stack([qs, kf], dim=2) @ state  # [B, H, 2, V]
+    decay = g.float().exp().unsqueeze(-1)
+    delta = beta.float().unsqueeze(-1) * (v.float() - decay * read[:, :, 1])
+    out = decay * read[:, :, 0] + (qs * kf).sum(-1, keepdim=True) * delta
+    state.mul_(decay.unsqueeze(-1))
+    state.view(batch * heads, kdim, vdim).baddbmm_(
+        kf.reshape(batch * heads, kdim, 1), delta.reshape(batch * heads, 1, vdim)
+    )
+    return out
+
+
+def recurrent_gated_delta_rule_torch(q, k, v, g, beta, scale: float, initial_state=None):
+    """Token-by-token gated delta rule (the naive form the chunked one is tested against)."""
+    batch, length, heads, kdim = k.shape
+    state = _initial_state(initial_state, (batch, heads, kdim, v.shape[-1]), q.device)
+    outs = [
+        gated_delta_step(state, q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], scale)
+        for t in range(length)
+    ]
+    return torch.stack(outs, dim=1).to(v.dtype), state
+
+
+# ----- simple GLA (Mamba2's SSD) -----------------------------------------------------------
+def chunk_simple_gla_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None = None,
+    chunk_size: int = 64,
+):
+    """Linear attention with a scalar per-head decay, chunk by chunk.
+
+    Per token: S <- exp(g) S + k v^T; o = scale * S^T q. Intra-chunk outputs are one masked
+    product for all chunks at once; the loop only carries the state to each chunk's start.
+    Returns o [B, T, H, V] in v's dtype and the final state [B, H, K, V] in float32.
+    """
+    batch, length, heads, kdim = k.shape
+    pad = (-length) % chunk_size
+    qc, kc, vc = (_to_chunks(t, pad, chunk_size) for t in (q, k, v))
+    pair, decay_in, decay_to_end, decay_chunk = _chunk_decays(_to_chunks(g, pad, chunk_size))
+    out = (((qc * scale) @ kc.transpose(-1, -2)) * pair) @ vc
+    chunk_states = (kc * decay_to_end.unsqueeze(-1)).transpose(-1, -2) @ vc  # [B, H, N, K, V]
+
+    state = _initial_state(initial_state, (batch, heads, kdim, vc.shape[-1]), q.device)
+    starts = []
+    for n in range(qc.shape[2]):
+        starts.append(state)
+        state = state * decay_chunk[:, :, n].unsqueeze(-1) + chunk_states[:, :, n]
+    out = out + (qc * (scale * decay_in.unsqueeze(-1))) @ torch.stack(starts, dim=2)
+    return _from_chunks(out, length, v.dtype), state
+
+
+def simple_gla_step(
+    state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """One token of the scalar-decay recurrence; state [B, H, K, V] (float32) updated in place.
+    q, k [B, H, K], v [B, H, V], g [B, H]. Returns o [B, H, V] in float32."""
+    batch, heads, kdim, vdim = state.shape
+    qs, kf, vf = q.float() * scale, k.float(), v.float()
+    decay = g.float().exp().unsqueeze(-1)
+    read = (qs.unsqueeze(2) @ state).squeeze(2)
+    out = decay * read + (qs * kf).sum(-1, keepdim=True) * vf
+    state.mul_(decay.unsqueeze(-1))
+    state.view(batch * heads, kdim, vdim).baddbmm_(
+        kf.reshape(batch * heads, kdim, 1), vf.reshape(batch * heads, 1, vdim)
+    )
+    return out
+
+
+def recurrent_simple_gla_torch(q, k, v, g, scale: float, initial_state=None):
+    """Token-by-token scalar-decay recurrence (the naive form the chunked one is tested against)."""
+    batch, length, heads, kdim = k.shape
+    state = _initial_state(initial_state, (batch, heads, kdim, v.shape[-1]), q.device)
+    outs = [simple_gla_step(state, q[:, t], k[:, t], v[:, t], g[:, t], scale) for t in range(length)]
+    return torch.stack(outs, dim=1).to(v.dtype), state
+
+
+# ----- prefill dispatch: fla on CUDA, torch elsewhere -------------------------------------------
+def _use_fla(x: torch.Tensor, backend: str) -> bool:
+    if backend not in BACKENDS:
+        raise ValueError(f"linear-attention backend '{backend}'; allowed: " + ", ".join(BACKENDS))
+    if backend == "fla" and not x.is_cuda:
+        raise ValueError("linear-attention backend 'fla' needs CUDA tensors")
+    return backend == "fla" or (backend == "auto" and x.is_cuda)
+
+
+def gated_delta_rule_prefill(q, k, v, g, beta, scale: float, backend: str = "auto"):
+    """Whole-prompt gated delta rule from a zero state, q and k L2-normalised here (in the
+    kernel on fla). Returns o [B, T, H, V] and the final state [B, H, K, V] (float32)."""
+    if _use_fla(q, backend):
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+        out, state = chunk_gated_delta_rule(
+            q, k, v, g=g, beta=beta, scale=scale, initial_state=None,
+            output_final_state=True, use_qk_l2norm_in_kernel=True,
+        )
+        return out, state.float()
+    return chunk_gated_delta_rule_torch(l2_normalize(q), l2_normalize(k), v, g, beta, scale)
+
+
+def simple_gla_prefill(q, k, v, g, scale: float, chunk_size: int, backend: str = "auto"):
+    """Whole-prompt scalar-decay recurrence from a zero state. Returns o [B, T, H, V] and the
+    final state [B, H, K, V] (float32). fla picks its own chunk size; the result is the same."""
+    if _use_fla(q, backend):
+        from fla.ops.simple_gla import chunk_simple_gla
+
+        out, state = chunk_simple_gla(q, k, v, g=g, scale=scale, initial_state=None, output_final_state=True)
+        return out, state.float()
+    return chunk_simple_gla_torch(q, k, v, g, scale, chunk_size=chunk_size)

@@ -1,0 +1,158 @@
+"""Our Gated DeltaNet model against transformers' Qwen3NextForCausalLM (every layer linear
+attention, dense MLPs) with the same weights, loaded from a saved checkpoint, on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from phasewatt.errors import ConfigError
+from phasewatt.models.gdn import GatedDeltaNetModel
+from phasewatt.models.registry import build_model
+from phasewatt.models.spec import ModelSpec
+
+transformers = pytest.importorskip("transformers")
+
+PROMPT_LEN = 70  # two chunks of 64, the second one partial
+DECODE_STEPS = 16
+ATOL = 2e-4
+NO_MASKS = {"full_attention": None, "linear_attention": None}
+
+
+def tiny_spec(n_v_heads: int, tied: bool) -> ModelSpec:
+    return ModelSpec(
+        name="tiny-gdn", arch="gdn", n_layers=2, d_model=32, vocab_size=97, n_heads=2, head_dim=8,
+        expand_v=2, conv_size=4, d_ff=48, tied_embeddings=tied, dtype="float32", norm_eps=1e-6,
+        extra={"n_v_heads": n_v_heads},
+    )
+
+
+def reference_model(spec: ModelSpec):
+    """A Qwen3NextForCausalLM of the spec's shapes, every weight perturbed away from its
+    initial value (norms away from 0/1, decays spread) so that a convention mismatch shows."""
+    config = transformers.Qwen3NextConfig(
+        vocab_size=spec.vocab_size, hidden_size=spec.d_model, intermediate_size=spec.d_ff,
+        num_hidden_layers=spec.n_layers, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+        linear_conv_kernel_dim=spec.conv_size, linear_key_head_dim=spec.head_dim,
+        linear_value_head_dim=spec.head_dim * spec.expand_v, linear_num_key_heads=spec.n_heads,
+        linear_num_value_heads=spec.extra["n_v_heads"], num_experts=0,
+        layer_types=["linear_attention"] * spec.n_layers, rms_norm_eps=spec.norm_eps,
+        tie_word_embeddings=spec.tied_embeddings, initializer_range=0.1,
+    )
+    torch.manual_seed(1)
+    model = transformers.Qwen3NextForCausalLM(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.2 * torch.randn_like(param))
+    return model
+
+
+def reference_run(model, prompt: torch.Tensor):
+    """Logits of every prompt position, then greedy decode through the reference's own cache."""
+    length = prompt.shape[1]
+    with torch.no_grad():
+        out = model(prompt, use_cache=True, position_ids=torch.arange(length)[None], attention_mask=NO_MASKS)
+        prefill_logits, cache = out.logits, out.cache
+        token = prefill_logits[:, -1].argmax(-1)
+        steps, tokens = [], []
+        for i in range(DECODE_STEPS):
+            tokens.append(token)
+            out = model(token[:, None], cache=cache, use_cache=True,
+                        position_ids=torch.tensor([[length + i]]), attention_mask=NO_MASKS)
+            cache = out.cache
+            steps.append(out.logits[:, 0])
+            token = out.logits[:, 0].argmax(-1)
+    return prefill_logits, torch.stack(steps, 1), torch.stack(tokens, 1)
+
+
+def our_run(model, prompt: torch.Tensor):
+    model.setup_caches(prompt.shape[0], prompt.shape[1] + DECODE_STEPS)
+    prefill_logits = model.prefill(prompt, all_logits=True)
+    token = prefill_logits[:, -1].argmax(-1)
+    steps, tokens = [], []
+    for i in range(DECODE_STEPS):
+        tokens.append(token)
+        logits = model.decode(token, torch.tensor([prompt.shape[1] + i]))
+        steps.append(logits)
+        token = logits.argmax(-1)
+    return prefill_logits, torch.stack(steps, 1), torch.stack(tokens, 1)
+
+
+def load_saved(spec: ModelSpec, path) -> GatedDeltaNetModel:
+    model = GatedDeltaNetModel(spec)
+    model.load_hf_state_dict(load_file(str(path / "model.safetensors")))
+    return model
+
+
+@pytest.mark.parametrize("n_v_heads,tied", [(2, False), (4, True)], ids=["heads-equal", "grouped-values-tied"])
+def test_matches_qwen3next_reference(tmp_path, n_v_heads, tied):
+    spec = tiny_spec(n_v_heads, tied)
+    reference = reference_model(spec)
+    reference.save_pretrained(tmp_path)
+    ours = load_saved(spec, tmp_path)
+    prompt = torch.randint(0, spec.vocab_size, (2, PROMPT_LEN), generator=torch.Generator().manual_seed(2))
+
+    ref_prefill, ref_steps, ref_tokens = reference_run(reference, prompt)
+    our_prefill, our_steps, our_tokens = our_run(ours, prompt)
+
+    assert ref_prefill.std() > 0.3, "reference logits too flat for the comparison to mean anything"
+    torch.testing.assert_close(our_prefill, ref_prefill, atol=ATOL, rtol=0)
+    torch.testing.assert_close(our_steps, ref_steps, atol=ATOL, rtol=0)
+    assert torch.equal(our_tokens, ref_tokens)
+
+
+def test_random_model_decode_continues_prefill():
+    """Random weights from a seed (no checkpoint): the decode step after a prefill of S tokens
+    gives the logits a prefill of S+1 tokens gives, and the seed fixes the weights."""
+    spec = tiny_spec(4, False)
+    model = build_model(spec, dtype=torch.float32, seed=3)
+    again = build_model(spec, dtype=torch.float32, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    tokens = torch.randint(0, spec.vocab_size, (3, 9), generator=torch.Generator().manual_seed(4))
+    model.setup_caches(3, 16)
+    whole = model.prefill(tokens)
+    model.prefill(tokens[:, :-1])
+    stepped = model.decode(tokens[:, -1], torch.tensor([8]))
+    assert torch.isfinite(whole).all()
+    torch.testing.assert_close(stepped, whole, atol=1e-4, rtol=0)
+
+
+def test_prefill_resets_states():
+    spec = tiny_spec(2, True)
+    model = GatedDeltaNetModel(spec)
+    tokens = torch.randint(0, spec.vocab_size, (1, 5), generator=torch.Generator().manual_seed(5))
+    model.setup_caches(1, 8)
+    first = model.prefill(tokens)
+    model.decode(tokens[:, 0], torch.tensor([5]))
+    torch.testing.assert_close(model.prefill(tokens), first, atol=0, rtol=0)
+
+
+def test_loader_reports_missing_misshapen_and_unknown_tensors(tmp_path):
+    spec = tiny_spec(2, False)
+    reference_model(spec).save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    name = "model.layers.1.linear_attn.A_log"
+
+    missing = {k: v for k, v in state.items() if k != name}
+    with pytest.raises(ConfigError, match=f"checkpoints.tiny-gdn: tensor '{name}' missing"):
+        GatedDeltaNetModel(spec).load_hf_state_dict(missing)
+
+    misshapen = dict(state, **{name: torch.zeros(3)})
+    with pytest.raises(ConfigError, match=r"has shape \(3,\); the spec needs \(2,\)"):
+        GatedDeltaNetModel(spec).load_hf_state_dict(misshapen)
+
+    hybrid = dict(state, **{"model.layers.0.self_attn.q_proj.weight": torch.zeros(4, 32)})
+    with pytest.raises(ConfigError, match="self_attn.q_proj.weight"):
+        GatedDeltaNetModel(spec).load_hf_state_dict(hybrid)
+
+
+def test_bad_value_heads_and_batch_are_refused():
+    with pytest.raises(ConfigError, match="models.tiny-gdn.n_v_heads"):
+        GatedDeltaNetModel(tiny_spec(3, False))
+    model = GatedDeltaNetModel(tiny_spec(2, False))
+    model.setup_caches(2, 8)
+    with pytest.raises(ValueError, match="batch 1 but setup_caches was called for batch 2"):
+        model.prefill(torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="prefill_backend 'cuda'"):
+        model.prefill_backend = "cuda"
