@@ -259,10 +259,11 @@ def gated_delta_rule_prefill(q, k, v, g, beta, scale: float, backend: str = "aut
 
 def simple_gla_prefill(q, k, v, g, scale: float, chunk_size: int, backend: str = "auto"):
     """Whole-prompt scalar-decay recurrence from a zero state. Returns o [B, T, H, V] and the
-    final state [B, H, K, V] (float32). fla picks its own chunk size; the result is the same."""
+    final state [B, H, K, V] (float32). fla picks its own chunk size; the result is the same.
+    On fla, v is cast to q's dtype (the kernel takes q, k, v of one dtype)."""
     if _use_fla(q, backend):
         from fla.ops.simple_gla import chunk_simple_gla
 
-        out, state = chunk_simple_gla(q, k, v, g=g, scale=scale, initial_state=None, output_final_state=True)
+        out, state = chunk_simple_gla(q, k, v.to(q.dtype), g=g, scale=scale, initial_state=None, output_final_state=True)
         return out, state.float()
     return chunk_simple_gla_torch(q, k, v, g, scale, chunk_size=chunk_size)

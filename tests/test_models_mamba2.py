@@ -1,0 +1,173 @@
+"""Our Mamba2 model against transformers' Mamba2ForCausalLM (its pure-torch path) with the same
+weights, loaded from a saved checkpoint, on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from phasewatt.errors import ConfigError
+from phasewatt.models.mamba2 import Mamba2Model
+from phasewatt.models.registry import build_model
+from phasewatt.models.spec import ModelSpec
+
+transformers = pytest.importorskip("transformers")
+
+PROMPT_LEN = 40  # chunks of 16: two full, one partial
+DECODE_STEPS = 16
+ATOL = 2e-4
+
+
+def tiny_spec(tied: bool, **extra) -> ModelSpec:
+    return ModelSpec(
+        name="tiny-mamba2", arch="mamba2", n_layers=2, d_model=32, vocab_size=97, d_state=8,
+        head_dim=16, expand=2, n_groups=2, conv_size=4, chunk_size=16, tied_embeddings=tied,
+        dtype="float32", norm_eps=1e-5, extra=extra,
+    )
+
+
+def reference_model(spec: ModelSpec):
+    """A Mamba2ForCausalLM of the spec's shapes, every weight perturbed away from its initial
+    value (norms away from 1, D away from 1) so that a convention mismatch shows."""
+    config = transformers.Mamba2Config(
+        num_heads=spec.mamba_heads, head_dim=spec.head_dim, vocab_size=spec.vocab_size,
+        hidden_size=spec.d_model, state_size=spec.d_state, num_hidden_layers=spec.n_layers,
+        expand=spec.expand, n_groups=spec.n_groups, conv_kernel=spec.conv_size,
+        chunk_size=spec.chunk_size, layer_norm_epsilon=spec.norm_eps,
+        tie_word_embeddings=spec.tied_embeddings,
+        time_step_limit=tuple(spec.extra.get("time_step_limit", (0.0, float("inf")))),
+    )
+    torch.manual_seed(1)
+    model = transformers.Mamba2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.2 * torch.randn_like(param))
+    return model
+
+
+def reference_run(model, prompt: torch.Tensor):
+    """Logits of every prompt position, then greedy decode through the reference's own cache."""
+    with torch.no_grad():
+        out = model(prompt, use_cache=True)
+        prefill_logits, cache = out.logits, out.cache
+        token = prefill_logits[:, -1].argmax(-1)
+        steps, tokens = [], []
+        for _ in range(DECODE_STEPS):
+            tokens.append(token)
+            out = model(token[:, None], cache=cache, use_cache=True)
+            cache = out.cache
+            steps.append(out.logits[:, 0])
+            token = out.logits[:, 0].argmax(-1)
+    return prefill_logits, torch.stack(steps, 1), torch.stack(tokens, 1)
+
+
+def our_run(model, prompt: torch.Tensor):
+    model.setup_caches(prompt.shape[0], prompt.shape[1] + DECODE_STEPS)
+    prefill_logits = model.prefill(prompt, all_logits=True)
+    token = prefill_logits[:, -1].argmax(-1)
+    steps, tokens = [], []
+    for i in range(DECODE_STEPS):
+        tokens.append(token)
+        logits = model.decode(token, torch.tensor([prompt.shape[1] + i]))
+        steps.append(logits)
+        token = logits.argmax(-1)
+    return prefill_logits, torch.stack(steps, 1), torch.stack(tokens, 1)
+
+
+def load_saved(spec: ModelSpec, path) -> Mamba2Model:
+    model = Mamba2Model(spec)
+    model.load_hf_state_dict(load_file(str(path / "model.safetensors")))
+    return model
+
+
+def prompt_of(spec: ModelSpec, batch: int, length: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, spec.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_matches_mamba2_reference(tmp_path, tied):
+    spec = tiny_spec(tied)
+    reference = reference_model(spec)
+    reference.save_pretrained(tmp_path)
+    ours = load_saved(spec, tmp_path)
+    prompt = prompt_of(spec, 2, PROMPT_LEN, 2)
+
+    ref_prefill, ref_steps, ref_tokens = reference_run(reference, prompt)
+    our_prefill, our_steps, our_tokens = our_run(ours, prompt)
+
+    assert ref_prefill.std() > 0.3, "reference logits too flat for the comparison to mean anything"
+    torch.testing.assert_close(our_prefill, ref_prefill, atol=ATOL, rtol=0)
+    torch.testing.assert_close(our_steps, ref_steps, atol=ATOL, rtol=0)
+    assert torch.equal(our_tokens, ref_tokens)
+
+
+def test_time_step_limit_matches_reference_prefill(tmp_path):
+    """A time-step limit from spec.extra clamps dt as transformers' chunked path does."""
+    spec = tiny_spec(False, time_step_limit=[0.0, 0.05])
+    reference = reference_model(spec)
+    reference.save_pretrained(tmp_path)
+    prompt = prompt_of(spec, 1, 20, 3)
+    with torch.no_grad():
+        expected = reference(prompt).logits
+    ours = load_saved(spec, tmp_path)
+    ours.setup_caches(1, 20)
+    torch.testing.assert_close(ours.prefill(prompt, all_logits=True), expected, atol=ATOL, rtol=0)
+    unlimited = load_saved(tiny_spec(False), tmp_path)
+    unlimited.setup_caches(1, 20)
+    assert (unlimited.prefill(prompt, all_logits=True) - expected).abs().max() > 1e-2
+
+
+def test_mamba_ssm_embedding_name_loads(tmp_path):
+    """state-spaces checkpoints spell the embedding 'backbone.embedding.weight'."""
+    spec = tiny_spec(True)
+    reference_model(spec).save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    state["backbone.embedding.weight"] = state.pop("backbone.embeddings.weight")
+    model = Mamba2Model(spec)
+    model.load_hf_state_dict(state)
+    assert torch.equal(model.embed.weight, state["backbone.embedding.weight"])
+
+
+def test_random_model_decode_continues_prefill():
+    """Random weights from a seed (no checkpoint): the decode step after a prefill of S tokens
+    gives the logits a prefill of S+1 tokens gives; the prompt spans several chunks."""
+    spec = tiny_spec(False, time_step_limit=[0.0, 0.05])
+    model = build_model(spec, dtype=torch.float32, seed=3)
+    tokens = prompt_of(spec, 3, 35, 4)
+    model.setup_caches(3, 40)
+    whole = model.prefill(tokens)
+    model.prefill(tokens[:, :-1])
+    stepped = model.decode(tokens[:, -1], torch.tensor([34]))
+    assert torch.isfinite(whole).all()
+    torch.testing.assert_close(stepped, whole, atol=1e-4, rtol=0)
+
+
+def test_loader_reports_missing_misshapen_and_unknown_tensors(tmp_path):
+    spec = tiny_spec(False)
+    reference_model(spec).save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    name = "backbone.layers.0.mixer.conv1d.bias"
+
+    missing = {k: v for k, v in state.items() if k != name}
+    with pytest.raises(ConfigError, match=f"checkpoints.tiny-mamba2: tensor '{name}' missing"):
+        Mamba2Model(spec).load_hf_state_dict(missing)
+
+    misshapen = dict(state, **{"backbone.layers.1.mixer.D": torch.zeros(5)})
+    with pytest.raises(ConfigError, match=r"'backbone.layers.1.mixer.D' has shape \(5,\); the spec needs \(4,\)"):
+        Mamba2Model(spec).load_hf_state_dict(misshapen)
+
+    deeper = dict(state, **{"backbone.layers.2.norm.weight": torch.ones(32)})
+    with pytest.raises(ConfigError, match="backbone.layers.2.norm.weight"):
+        Mamba2Model(spec).load_hf_state_dict(deeper)
+
+
+def test_bad_shapes_and_batch_are_refused():
+    with pytest.raises(ConfigError, match="models.tiny-mamba2.time_step_limit"):
+        Mamba2Model(tiny_spec(False, time_step_limit=[0.1, 0.01]))
+    with pytest.raises(ConfigError, match="models.tiny-mamba2.n_groups"):
+        Mamba2Model(ModelSpec(**{**tiny_spec(False).__dict__, "n_groups": 3}))
+    model = Mamba2Model(tiny_spec(False))
+    model.setup_caches(2, 8)
+    with pytest.raises(ValueError, match="batch 1 but setup_caches was called for batch 2"):
+        model.prefill(torch.zeros(1, 4, dtype=torch.long))
