@@ -1,0 +1,142 @@
+"""The chunked and one-step forms of the linear-attention recurrences against the literal
+token-by-token definitions (written out here in float64), on random inputs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from phasewatt.models import linear_ops as ops
+
+
+def random_inputs(seed: int, batch=2, length=150, heads=3, kdim=16, vdim=24):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, length, heads, kdim, generator=gen)
+    k = ops.l2_normalize(torch.randn(batch, length, heads, kdim, generator=gen))
+    v = torch.randn(batch, length, heads, vdim, generator=gen)
+    g = -2.0 * torch.rand(batch, length, heads, generator=gen)
+    beta = torch.rand(batch, length, heads, generator=gen)
+    state = torch.randn(batch, heads, kdim, vdim, generator=gen)
+    return q, k, v, g, beta, state
+
+
+def literal_gated_delta(q, k, v, g, beta, scale, state):
+    """S <- exp(g) S; S <- S + k (beta (v - S^T k))^T; o = scale S^T q, one token at a time."""
+    q, k, v, g, beta, s = (t.double() for t in (q, k, v, g, beta, state))
+    outs = []
+    for t in range(q.shape[1]):
+        s = s * g[:, t, :, None, None].exp()
+        predicted = torch.einsum("bhk,bhkv->bhv", k[:, t], s)
+        correction = beta[:, t, :, None] * (v[:, t] - predicted)
+        s = s + torch.einsum("bhk,bhv->bhkv", k[:, t], correction)
+        outs.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], s))
+    return torch.stack(outs, 1), s
+
+
+def literal_simple_gla(q, k, v, g, scale, state):
+    """S <- exp(g) S + k v^T; o = scale S^T q, one token at a time."""
+    q, k, v, g, s = (t.double() for t in (q, k, v, g, state))
+    outs = []
+    for t in range(q.shape[1]):
+        s = s * g[:, t, :, None, None].exp() + torch.einsum("bhk,bhv->bhkv", k[:, t], v[:, t])
+        outs.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], s))
+    return torch.stack(outs, 1), s
+
+
+def close(actual, expected, atol=2e-5):
+    torch.testing.assert_close(actual.double(), expected, atol=atol, rtol=1e-5)
+
+
+@pytest.mark.parametrize("length", [150, 64, 5], ids=["partial-last-chunk", "one-chunk", "shorter-than-chunk"])
+def test_chunked_gated_delta_rule_matches_definition(length):
+    q, k, v, g, beta, state = random_inputs(0, length=length)
+    expected_out, expected_state = literal_gated_delta(q, k, v, g, beta, 0.25, state)
+    out, final = ops.chunk_gated_delta_rule_torch(q, k, v, g, beta, 0.25, initial_state=state, chunk_size=64)
+    assert out.shape == v.shape and final.dtype == torch.float32
+    close(out, expected_out)
+    close(final, expected_state)
+
+
+def test_recurrent_gated_delta_rule_matches_definition():
+    q, k, v, g, beta, state = random_inputs(1, length=20)
+    expected_out, expected_state = literal_gated_delta(q, k, v, g, beta, 0.25, state)
+    out, final = ops.recurrent_gated_delta_rule_torch(q, k, v, g, beta, 0.25, initial_state=state)
+    close(out, expected_out)
+    close(final, expected_state)
+
+
+def test_gated_delta_step_updates_state_in_place():
+    q, k, v, g, beta, state = random_inputs(2, length=1)
+    expected_out, expected_state = literal_gated_delta(q, k, v, g, beta, 0.25, state)
+    buffer = state.clone()
+    address = buffer.data_ptr()
+    out = ops.gated_delta_step(buffer, q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], 0.25)
+    assert buffer.data_ptr() == address
+    close(out, expected_out[:, 0])
+    close(buffer, expected_state)
+
+
+@pytest.mark.parametrize("length,chunk", [(100, 32), (7, 32), (96, 32)], ids=["partial", "short", "exact"])
+def test_chunked_simple_gla_matches_definition(length, chunk):
+    q, k, v, g, _, state = random_inputs(3, length=length)
+    expected_out, expected_state = literal_simple_gla(q, k, v, g, 0.5, state)
+    out, final = ops.chunk_simple_gla_torch(q, k, v, g, 0.5, initial_state=state, chunk_size=chunk)
+    close(out, expected_out, atol=1e-4)
+    close(final, expected_state, atol=1e-4)
+    out, final = ops.recurrent_simple_gla_torch(q, k, v, g, 0.5, initial_state=state)
+    close(out, expected_out, atol=1e-4)
+    close(final, expected_state, atol=1e-4)
+
+
+def test_prefill_from_zero_state_normalises_q_and_k():
+    """The dispatch's CPU path: q and k are L2-normalised here, as fla does in its kernel."""
+    q, k, v, g, beta, _ = random_inputs(4, length=70)
+    raw_q, raw_k = 3.0 * q, 5.0 * k
+    expected_out, expected_state = literal_gated_delta(
+        ops.l2_normalize(raw_q), ops.l2_normalize(raw_k), v, g, beta, 0.25, torch.zeros(2, 3, 16, 24)
+    )
+    out, final = ops.gated_delta_rule_prefill(raw_q, raw_k, v, g, beta, 0.25)
+    close(out, expected_out)
+    close(final, expected_state)
+
+
+def test_causal_conv_prompt_then_steps_equals_whole_prompt():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 12, 7, generator=gen)
+    weight, bias = torch.randn(7, 4, generator=gen), torch.randn(7, generator=gen)
+    whole, _ = ops.causal_conv1d(x, weight, bias)
+    expected = torch.stack(
+        [(torch.nn.functional.pad(x, (0, 0, 3, 0))[:, t : t + 4].transpose(1, 2) * weight).sum(-1) + bias
+         for t in range(12)], dim=1,
+    )
+    torch.testing.assert_close(whole, expected)
+
+    head, state = ops.causal_conv1d(x[:, :2], weight, bias)  # shorter than the window
+    assert torch.equal(state[:, :, 0], torch.zeros(2, 7)) and torch.equal(state[:, :, 1:], x[:, :2].transpose(1, 2))
+    steps = [ops.causal_conv1d_step(x[:, t], state, weight, bias) for t in range(2, 12)]
+    torch.testing.assert_close(torch.cat([head, torch.stack(steps, 1)], 1), whole)
+    torch.testing.assert_close(state, x[:, -3:].transpose(1, 2))
+
+
+def test_backend_choice_is_checked():
+    q, k, v, g, beta, _ = random_inputs(6, length=4)
+    with pytest.raises(ValueError, match="backend 'fla' needs CUDA tensors"):
+        ops.gated_delta_rule_prefill(q, k, v, g, beta, 0.25, backend="fla")
+    with pytest.raises(ValueError, match="backend 'triton'; allowed: auto, torch, fla"):
+        ops.simple_gla_prefill(q, k, v, g, 1.0, 16, backend="triton")
+
+
+def test_cpu_path_never_imports_fla_or_triton():
+    code = (
+        "import sys, torch\n"
+        "from phasewatt.models import linear_ops as ops\n"
+        "q = torch.randn(1, 9, 2, 4); g = -torch.rand(1, 9, 2)\n"
+        "ops.gated_delta_rule_prefill(q, q, q, g, g.neg(), 0.5)\n"
+        "ops.simple_gla_prefill(q, q, q, g, 1.0, 4)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fla', 'triton')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
