@@ -105,10 +105,7 @@ class GatedDeltaNetMixer(nn.Module):
         k = k.reshape(*lead, self.n_k_heads, self.head_k_dim)
         v = v.reshape(*lead, self.n_v_heads, self.head_v_dim)
         group = self.n_v_heads // self.n_k_heads
-        if group > 1:
-            q = q.repeat_interleave(group, dim=-2)
-            k = k.repeat_interleave(group, dim=-2)
-        return q, k, v
+        return linear_ops.repeat_heads(q, group), linear_ops.repeat_heads(k, group), v
 
     def _output(self, core: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         z = z.reshape(*z.shape[:-1], self.n_v_heads, self.head_v_dim)

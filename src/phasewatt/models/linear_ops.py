@@ -32,6 +32,14 @@ def l2_normalize(x: torch.Tensor, eps: float = L2_NORM_EPS) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 
 
+def repeat_heads(x: torch.Tensor, times: int) -> torch.Tensor:
+    """[..., G, D] -> [..., G * times, D], each of the G heads serving `times` consecutive
+    heads (grouped heads). An expand and a copy: no host sync, capturable in a CUDA graph."""
+    if times == 1:
+        return x
+    return x.unsqueeze(-2).expand(*x.shape[:-1], times, x.shape[-1]).flatten(-3, -2)
+
+
 # ----- short causal convolution ---------------------------------------------------------------
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
     """Depthwise causal convolution over a whole prompt.
@@ -150,19 +158,17 @@ def gated_delta_step(
     """One token of the gated delta rule; state [B, H, K, V] (float32) is updated in place.
 
     q, k [B, H, K], v [B, H, V], g, beta [B, H]. Returns o [B, H, V] in float32. Both reads of
-    the old state (k for the prediction, q for the output) are one batched product, and the
-    output is rebuilt from it, so the state is read three times and written twice per step.
+    the old state (k for the prediction, q for the output) are one batched product and the
+    output is rebuilt from it; the update is two pointwise in-place ops (no outer product is
+    materialised). Eager that reads the state 3 times and writes it twice; under torch.compile
+    the two pointwise ops fuse into one read and one write.
     """
-    batch, heads, kdim, vdim = state.shape
     qs, kf = q.float() * scale, k.float()
     read = torch.stack([qs, kf], dim=2) @ state  # [B, H, 2, V]
     decay = g.float().exp().unsqueeze(-1)
     delta = beta.float().unsqueeze(-1) * (v.float() - decay * read[:, :, 1])
     out = decay * read[:, :, 0] + (qs * kf).sum(-1, keepdim=True) * delta
-    state.mul_(decay.unsqueeze(-1))
-    state.view(batch * heads, kdim, vdim).baddbmm_(
-        kf.reshape(batch * heads, kdim, 1), delta.reshape(batch * heads, 1, vdim)
-    )
+    state.mul_(decay.unsqueeze(-1)).addcmul_(kf.unsqueeze(-1), delta.unsqueeze(-2))
     return out
 
 
@@ -214,15 +220,11 @@ def simple_gla_step(
 ) -> torch.Tensor:
     """One token of the scalar-decay recurrence; state [B, H, K, V] (float32) updated in place.
     q, k [B, H, K], v [B, H, V], g [B, H]. Returns o [B, H, V] in float32."""
-    batch, heads, kdim, vdim = state.shape
     qs, kf, vf = q.float() * scale, k.float(), v.float()
     decay = g.float().exp().unsqueeze(-1)
     read = (qs.unsqueeze(2) @ state).squeeze(2)
     out = decay * read + (qs * kf).sum(-1, keepdim=True) * vf
-    state.mul_(decay.unsqueeze(-1))
-    state.view(batch * heads, kdim, vdim).baddbmm_(
-        kf.reshape(batch * heads, kdim, 1), vf.reshape(batch * heads, 1, vdim)
-    )
+    state.mul_(decay.unsqueeze(-1)).addcmul_(kf.unsqueeze(-1), vf.unsqueeze(-2))
     return out
 
 
@@ -250,7 +252,7 @@ def gated_delta_rule_prefill(q, k, v, g, beta, scale: float, backend: str = "aut
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
         out, state = chunk_gated_delta_rule(
-            q, k, v, g=g, beta=beta, scale=scale, initial_state=None,
+            q.contiguous(), k.contiguous(), v.contiguous(), g=g, beta=beta, scale=scale, initial_state=None,
             output_final_state=True, use_qk_l2norm_in_kernel=True,
         )
         return out, state.float()
@@ -264,6 +266,9 @@ def simple_gla_prefill(q, k, v, g, scale: float, chunk_size: int, backend: str =
     if _use_fla(q, backend):
         from fla.ops.simple_gla import chunk_simple_gla
 
-        out, state = chunk_simple_gla(q, k, v.to(q.dtype), g=g, scale=scale, initial_state=None, output_final_state=True)
+        out, state = chunk_simple_gla(
+            q.contiguous(), k.contiguous(), v.to(q.dtype).contiguous(), g=g, scale=scale,
+            initial_state=None, output_final_state=True,
+        )
         return out, state.float()
     return chunk_simple_gla_torch(q, k, v, g, scale, chunk_size=chunk_size)

@@ -92,8 +92,8 @@ class Mamba2Mixer(nn.Module):
         x, b, c = xbc.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
         x = x.unflatten(-1, (self.n_heads, self.head_dim))
         per_group = self.n_heads // self.n_groups
-        b = b.unflatten(-1, (self.n_groups, self.d_state)).repeat_interleave(per_group, dim=-2)
-        c = c.unflatten(-1, (self.n_groups, self.d_state)).repeat_interleave(per_group, dim=-2)
+        b = linear_ops.repeat_heads(b.unflatten(-1, (self.n_groups, self.d_state)), per_group)
+        c = linear_ops.repeat_heads(c.unflatten(-1, (self.n_groups, self.d_state)), per_group)
         v = x.float() * dt.unsqueeze(-1)
         g = dt * -self.A_log.float().exp()
         return x, c, b, v, g

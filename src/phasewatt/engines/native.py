@@ -1,0 +1,208 @@
+"""Our own PyTorch models behind the Engine protocol, built to run decode near the memory
+roofline: static caches sized to prompt + decode length, the decode step (model, greedy
+argmax, position advance) captured once as a CUDA graph, and each layer compiled on its own
+with torch.compile so that the small elementwise ops fuse into a few kernels.
+
+On CPU (tests, CI) it runs eagerly in float32: no graph, no compile.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+
+from phasewatt.errors import ConfigError
+from phasewatt.models.loader import load_checkpoint
+from phasewatt.models.registry import build_model
+
+DEFAULT_OPTIONS = {
+    "cuda_graph": True,  # capture the decode step (CUDA only)
+    "compile": "auto",  # true | false | auto (= on CUDA, when the model can be compiled per layer)
+    "compile_mode": "default",  # torch.compile mode, e.g. max-autotune-no-cudagraphs
+    "warmup_steps": 3,  # eager decode steps before capture (the first one compiles)
+}
+COMPILE_CHOICES = (True, False, "auto")
+
+
+def resolve_options(options: dict | None) -> dict:
+    """Defaults overlaid with the user's engine options, each checked."""
+    resolved = dict(DEFAULT_OPTIONS)
+    for key, value in (options or {}).items():
+        if key not in DEFAULT_OPTIONS:
+            raise ConfigError(f"engine_options.{key}: not an option of the native engine; allowed: " + ", ".join(DEFAULT_OPTIONS))
+        resolved[key] = value
+    if not isinstance(resolved["cuda_graph"], bool):
+        raise ConfigError(f"engine_options.cuda_graph: {resolved['cuda_graph']!r}; allowed: true, false")
+    if resolved["compile"] not in COMPILE_CHOICES or not isinstance(resolved["compile"], (bool, str)):
+        raise ConfigError(f"engine_options.compile: {resolved['compile']!r}; allowed: true, false, auto")
+    if not isinstance(resolved["compile_mode"], str):
+        raise ConfigError(f"engine_options.compile_mode: {resolved['compile_mode']!r} is not a torch.compile mode name")
+    if not isinstance(resolved["warmup_steps"], int) or isinstance(resolved["warmup_steps"], bool) or resolved["warmup_steps"] < 1:
+        raise ConfigError(f"engine_options.warmup_steps: {resolved['warmup_steps']!r}; allowed: an integer >= 1")
+    return resolved
+
+
+class NativeEngine:
+    name = "native"
+
+    def __init__(self, *, spec, gpu=None, batch: int, prompt_len: int, decode_tokens: int, seed: int = 0, checkpoint=None, device=None, options=None):
+        import torch
+
+        self.spec, self.gpu = spec, gpu
+        self.batch, self.prompt_len, self.decode_tokens = int(batch), int(prompt_len), int(decode_tokens)
+        if min(self.batch, self.prompt_len, self.decode_tokens) < 1:
+            raise ConfigError("native engine: batch, prompt length and decode tokens must each be >= 1")
+        self.seed, self.checkpoint = int(seed), checkpoint
+        self.options = resolve_options(options)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.on_cuda = self.device.type == "cuda"
+        self.dtype = getattr(torch, spec.dtype) if self.on_cuda else torch.float32
+        self.use_graph = self.on_cuda and self.options["cuda_graph"]
+        self.compile_how = self._compile_how()
+        self.model = self.graph = None
+
+    def _compile_how(self) -> str:
+        """none | regional (the model's compile_decode) | whole (torch.compile of decode)."""
+        from phasewatt.models.registry import model_class
+
+        choice = self.options["compile"]
+        if choice is False or (choice == "auto" and not self.on_cuda):
+            return "none"
+        if hasattr(model_class(self.spec.arch), "compile_decode"):
+            return "regional"
+        return "whole" if choice is True else "none"
+
+    # ----- set-up ---------------------------------------------------------------------------
+    def setup(self) -> dict:
+        """Build, fill the caches once, compile and capture; seconds spent in each."""
+        import torch
+
+        times = {}
+        t0 = time.perf_counter()
+        model = build_model(self.spec, device=self.device, dtype=self.dtype, seed=self.seed)
+        if self.checkpoint:
+            load_checkpoint(model, self.checkpoint)
+        self.model = model.eval().requires_grad_(False)
+        gen = torch.Generator().manual_seed(self.seed)
+        self.prompt = torch.randint(0, self.spec.vocab_size, (self.batch, self.prompt_len), generator=gen).to(self.device)
+        with torch.no_grad():
+            self.model.setup_caches(self.batch, self.prompt_len + self.decode_tokens)
+            self.tokens = torch.zeros(self.batch, dtype=torch.long, device=self.device)
+            self.first_tokens = torch.zeros_like(self.tokens)
+            self.position = torch.full((1,), self.prompt_len, dtype=torch.long, device=self.device)
+            self.prefill()
+            self.synchronize()
+            times["build_s"] = time.perf_counter() - t0
+
+            self._decode_fn = self.model.decode
+            if self.compile_how != "none":
+                import torch._dynamo
+
+                torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+                if self.compile_how == "regional":
+                    self.model.compile_decode(mode=self.options["compile_mode"])
+                else:
+                    self._decode_fn = torch.compile(self.model.decode, mode=self.options["compile_mode"])
+            times["compile_s"], times["warmup_s"] = self._warm_up()
+            times["capture_s"] = self._capture() if self.use_graph else 0.0
+        return times
+
+    def _step(self) -> None:
+        """One greedy decode step on the static buffers: next token and position in place."""
+        logits = self._decode_fn(self.tokens, self.position)
+        self.tokens.copy_(logits.argmax(dim=-1))
+        self.position.add_(1)
+
+    def _warm_up(self) -> tuple[float, float]:
+        """Run the decode step eagerly (on a side stream on CUDA, as capture requires); the
+        first call compiles. Returns (seconds of the first call if compiling, the rest)."""
+        import torch
+
+        stream = torch.cuda.Stream() if self.on_cuda else None
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream())
+        seconds = []
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            self._reset_decode()
+            for _ in range(self.options["warmup_steps"]):
+                t = time.perf_counter()
+                self._step()
+                self.synchronize()
+                seconds.append(time.perf_counter() - t)
+        if stream is not None:
+            torch.cuda.current_stream().wait_stream(stream)
+        compile_s = seconds[0] if self.compile_how != "none" else 0.0
+        return compile_s, sum(seconds) - compile_s
+
+    def _capture(self) -> float:
+        import torch
+
+        t = time.perf_counter()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._step()
+        self.synchronize()
+        return time.perf_counter() - t
+
+    def _reset_decode(self) -> None:
+        self.tokens.copy_(self.first_tokens)
+        self.position.fill_(self.prompt_len)
+
+    # ----- the protocol ---------------------------------------------------------------------
+    def prefill(self) -> int:
+        """All prompts from an empty cache; keeps the greedy first tokens for decode."""
+        import torch
+
+        with torch.no_grad():
+            logits = self.model.prefill(self.prompt)
+            self.first_tokens.copy_(logits.argmax(dim=-1))
+        return self.batch * self.prompt_len
+
+    def decode(self, n_steps: int) -> int:
+        """n_steps greedy tokens per sequence, starting right after the prompt every time."""
+        import torch
+
+        if not 1 <= n_steps <= self.decode_tokens:
+            raise ValueError(f"decode({n_steps}): the caches hold 1 to {self.decode_tokens} decode steps")
+        with torch.no_grad():
+            self._reset_decode()
+            for _ in range(n_steps):
+                if self.graph is not None:
+                    self.graph.replay()
+                else:
+                    self._step()
+        return self.batch * n_steps
+
+    def generated_tokens(self):
+        """The last token written by decode, per sequence (for checks)."""
+        return self.tokens.clone()
+
+    def synchronize(self) -> None:
+        import torch
+
+        if self.on_cuda:
+            torch.cuda.synchronize(self.device)
+
+    def describe(self) -> dict:
+        import torch
+
+        return {
+            "engine": "native",
+            "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(self.device) if self.on_cuda else "cpu",
+            "cuda": torch.version.cuda if self.on_cuda else None,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "cuda_graph": self.use_graph,
+            "compile": self.compile_how,
+            "compile_mode": self.options["compile_mode"] if self.compile_how != "none" else None,
+            "cache_len": getattr(self.model, "cache_len", None),
+            "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+        }
+
+    def close(self) -> None:
+        import torch
+
+        self.graph = self.model = self._decode_fn = None
+        if self.on_cuda:
+            torch.cuda.empty_cache()
+

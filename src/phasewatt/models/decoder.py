@@ -1,0 +1,148 @@
+"""The skeleton the attention models (gqa, mla) share: embedding, a stack of layers, the
+final norm and lm_head, static caches, batch-chunked prefill and a shape-static decode step.
+
+Residuals are passed between layers as (h, delta) and added at the start of the next layer,
+so that when each layer is compiled the add fuses with that layer's first norm.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from phasewatt.errors import ConfigError
+from phasewatt.models.layers import RMSNorm, precompute_rope
+
+# Cache lengths are rounded up to this, so every row of the attention mask is aligned for the
+# fused attention kernels (masked tail positions cost a little extra reading, nothing else).
+CACHE_LEN_MULTIPLE = 64
+
+# A prefill processes at most this many tokens at a time (whole sequences, at least one), which
+# bounds its activations; weights are re-read per chunk, which is negligible at this size.
+PREFILL_CHUNK_TOKENS = 32768
+
+
+class LMHead(nn.Module):
+    """Final norm and output projection; `weight` is shared with the embedding when tied."""
+
+    def __init__(self, d_model: int, vocab_size: int, eps: float, weight: nn.Parameter | None, logit_divisor: float, device, dtype):
+        super().__init__()
+        self.norm = RMSNorm(d_model, eps, device=device, dtype=dtype)
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False, device=device, dtype=dtype)
+        if weight is not None:
+            self.lm_head.weight = weight
+        self.logit_divisor = logit_divisor
+
+    def forward(self, h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Decode-step logits (the call compile_decode compiles)."""
+        return self.logits(h, delta)
+
+    def logits(self, h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        x = self.norm(h + delta)
+        if self.logit_divisor != 1.0:
+            x = x / self.logit_divisor
+        return self.lm_head(x)
+
+
+class DecoderModel(nn.Module):
+    """Subclasses build `self.layers`; each layer implements make_cache(batch, cache_len)
+    (a tuple of zeroed tensors), forward(h, delta, input_pos, cos, sin, mask, cache) (decode)
+    and prefill(h, delta, cos, sin, cache, rows). Caches are arguments, not buffers, so that a
+    compiled layer is shape-generic in batch and cache length."""
+
+    def __init__(self, spec, device="cpu", dtype=torch.float32, *, rope_dim: int, embed_scale: float = 1.0, logit_divisor: float = 1.0):
+        super().__init__()
+        self.spec = spec
+        self.rope_dim = rope_dim
+        self.embed_scale = embed_scale
+        self.embed = nn.Embedding(spec.vocab_size, spec.d_model, device=device, dtype=dtype)
+        tied = self.embed.weight if spec.tied_embeddings else None
+        self.head = LMHead(spec.d_model, spec.vocab_size, spec.norm_eps, tied, logit_divisor, device, dtype)
+        self.cache_batch = self.cache_len = self.max_len = 0
+        self.caches: list[tuple[torch.Tensor, ...]] = []
+        self.register_buffer("rope_cos", torch.empty(0, device=device), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0, device=device), persistent=False)
+        self.register_buffer("positions", torch.empty(0, device=device, dtype=torch.long), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def setup_caches(self, batch: int, max_len: int) -> None:
+        """Allocate zeroed caches for `batch` sequences of up to `max_len` tokens."""
+        cache_len = -(-max_len // CACHE_LEN_MULTIPLE) * CACHE_LEN_MULTIPLE
+        self.caches = []  # the old caches are freed before the new ones are allocated
+        self.caches = [layer.make_cache(batch, cache_len) for layer in self.layers]
+        cos, sin = precompute_rope(self.rope_dim, cache_len, self.spec.rope_theta, device=self.device)
+        self.rope_cos, self.rope_sin = cos, sin
+        self.positions = torch.arange(cache_len, device=self.device)
+        self.cache_batch, self.cache_len, self.max_len = batch, cache_len, max_len
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens)
+        return h * self.embed_scale if self.embed_scale != 1.0 else h
+
+    def _check_batch(self, batch: int, needed_len: int) -> None:
+        if not self.cache_batch:
+            raise RuntimeError("setup_caches(batch, max_len) must be called before prefill/decode")
+        if batch != self.cache_batch or needed_len > self.max_len:
+            raise ValueError(
+                f"caches hold batch {self.cache_batch} x {self.max_len} tokens; asked for batch {batch} x {needed_len}"
+            )
+
+    def prefill(self, tokens: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """Run whole prompts [B, S] from position 0, filling the caches; logits of the last
+        position [B, V], or of every position [B, S, V]."""
+        batch, seq = tokens.shape
+        self._check_batch(batch, seq)
+        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        rows_per_chunk = max(1, PREFILL_CHUNK_TOKENS // seq)
+        logits = []
+        for start in range(0, batch, rows_per_chunk):
+            rows = slice(start, min(batch, start + rows_per_chunk))
+            h = self._embed(tokens[rows])
+            delta = torch.zeros_like(h)
+            for layer, cache in zip(self.layers, self.caches):
+                h, delta = layer.prefill(h, delta, cos, sin, cache, rows)
+            if not all_logits:
+                h, delta = h[:, -1], delta[:, -1]
+            logits.append(self.head.logits(h, delta))
+        return logits[0] if len(logits) == 1 else torch.cat(logits)
+
+    def decode(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """One step for tokens [B] at position input_pos [1] (a device tensor, so the step has
+        fixed shapes and can be captured in a CUDA graph); logits [B, V]."""
+        h = self._embed(tokens)
+        delta = torch.zeros_like(h)
+        mask = torch.where(self.positions <= input_pos, 0.0, float("-inf")).to(h.dtype)
+        for layer, cache in zip(self.layers, self.caches):
+            h, delta = layer(h, delta, input_pos, self.rope_cos, self.rope_sin, mask, cache)
+        return self.head(h, delta)
+
+    def compile_decode(self, mode: str = "default", dynamic: bool | None = None, backend: str = "inductor") -> None:
+        """torch.compile each layer and the head on their own (regional compilation): one
+        compile serves every layer, and elementwise work (norms, rope, residuals, SiLU) fuses
+        into a few kernels per layer. Prefill stays eager (layer.prefill, head.logits).
+        dynamic=None: the first shapes are compiled static, a later change of batch or cache
+        length recompiles shape-generic (torch's automatic dynamic shapes). Another backend
+        (eager, aot_eager) checks that every layer traces as one graph without a GPU."""
+        how = {"mode": mode} if backend == "inductor" else {"backend": backend}
+        for module in list(self.layers) + [self.head]:
+            module.compile(dynamic=dynamic, fullgraph=True, **how)
+
+
+def spec_extra(spec, key: str, default, kind=float):
+    """An optional model key from the config (kept in spec.extra), checked for type."""
+    value = spec.extra.get(key, default)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"models.{spec.name}.{key}: {value!r}; allowed: true, false")
+        return value
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"models.{spec.name}.{key}: {value!r} is not a {kind.__name__}") from None

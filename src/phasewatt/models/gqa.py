@@ -1,0 +1,106 @@
+"""Grouped-query attention decoder: Llama-style, or Qwen3-style with RMSNorm on each q and k
+head (spec.qk_norm). Fused qkv and gate/up weights, a static [B, kv_heads, L, head_dim] cache.
+
+Decode folds the query heads of each KV group into the query-length axis
+([B, kv_heads, group, head_dim]), so one SDPA call reads each cached K/V head once without
+repeating it per query head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from phasewatt.errors import ConfigError
+from phasewatt.models.decoder import DecoderModel
+from phasewatt.models.layers import RMSNorm, SwiGLU, apply_rope
+from phasewatt.models.loader import HFTensors
+
+
+class GQALayer(nn.Module):
+    def __init__(self, spec, device, dtype):
+        super().__init__()
+        d, self.n_heads, self.n_kv_heads, self.head_dim = spec.d_model, spec.n_heads, spec.n_kv_heads, spec.head_dim
+        self.group = self.n_heads // self.n_kv_heads
+        self.attn_norm = RMSNorm(d, spec.norm_eps, device=device, dtype=dtype)
+        self.qkv = nn.Linear(d, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False, device=device, dtype=dtype)
+        self.q_norm = RMSNorm(self.head_dim, spec.norm_eps, device=device, dtype=dtype) if spec.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, spec.norm_eps, device=device, dtype=dtype) if spec.qk_norm else None
+        self.o = nn.Linear(self.n_heads * self.head_dim, d, bias=False, device=device, dtype=dtype)
+        self.mlp_norm = RMSNorm(d, spec.norm_eps, device=device, dtype=dtype)
+        self.mlp = SwiGLU(d, spec.d_ff, device=device, dtype=dtype)
+
+    def make_cache(self, batch: int, cache_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V caches [B, kv_heads, cache_len, head_dim]."""
+        w = self.qkv.weight
+        shape = (batch, self.n_kv_heads, cache_len, self.head_dim)
+        return torch.zeros(shape, device=w.device, dtype=w.dtype), torch.zeros(shape, device=w.device, dtype=w.dtype)
+
+    def _qkv(self, x, cos, sin):
+        """x [B, S, d] -> q [B, S, H, D] and k, v [B, S, H_kv, D], q and k normed and rotated."""
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).split([self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
+        q = q.view(b, s, self.n_heads, self.head_dim)
+        k = k.view(b, s, self.n_kv_heads, self.head_dim)
+        v = v.view(b, s, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, h, delta, input_pos, cos, sin, mask, cache):
+        """Decode step: h, delta [B, d]; returns the new (h, delta)."""
+        h = h + delta
+        b = h.shape[0]
+        q, k, v = self._qkv(self.attn_norm(h).unsqueeze(1), cos[input_pos], sin[input_pos])
+        k_cache, v_cache = cache
+        k_cache[:, :, input_pos] = k.transpose(1, 2)
+        v_cache[:, :, input_pos] = v.transpose(1, 2)
+        q = q.view(b, self.n_kv_heads, self.group, self.head_dim)
+        out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask.view(1, 1, 1, -1))
+        h = h + self.o(out.reshape(b, self.n_heads * self.head_dim))
+        return h, self.mlp(self.mlp_norm(h))
+
+    def prefill(self, h, delta, cos, sin, cache, rows: slice):
+        """Whole prompts h, delta [b, S, d] of the cache rows `rows`, from position 0."""
+        h = h + delta
+        b, s, _ = h.shape
+        q, k, v = self._qkv(self.attn_norm(h), cos, sin)
+        cache[0][rows, :, :s] = k.transpose(1, 2)
+        cache[1][rows, :, :s] = v.transpose(1, 2)
+        # K/V repeated per query head: the flash kernel then takes the call on CUDA.
+        k = k.repeat_interleave(self.group, dim=2) if self.group > 1 else k
+        v = v.repeat_interleave(self.group, dim=2) if self.group > 1 else v
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        h = h + self.o(out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
+        return h, self.mlp(self.mlp_norm(h))
+
+
+class GQAModel(DecoderModel):
+    def __init__(self, spec, device="cpu", dtype=torch.float32):
+        if spec.n_heads % spec.n_kv_heads:
+            raise ConfigError(f"models.{spec.name}.n_kv_heads: must divide n_heads ({spec.n_heads})")
+        super().__init__(spec, device, dtype, rope_dim=spec.head_dim)
+        self.layers = nn.ModuleList(GQALayer(spec, device, dtype) for _ in range(spec.n_layers))
+
+    def load_hf_state_dict(self, state_dict: dict) -> None:
+        """Llama/Qwen3 names (model.layers.{i}.self_attn.q_proj.weight, ...) -> fused layout."""
+        src = HFTensors(state_dict)
+        src.copy_into(self.embed.weight, "model.embed_tokens.weight")
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            src.copy_into(layer.attn_norm.weight, p + "input_layernorm.weight")
+            src.copy_into(layer.qkv.weight, *(p + f"self_attn.{n}_proj.weight" for n in "qkv"))
+            if layer.q_norm is not None:
+                src.copy_into(layer.q_norm.weight, p + "self_attn.q_norm.weight")
+                src.copy_into(layer.k_norm.weight, p + "self_attn.k_norm.weight")
+            src.copy_into(layer.o.weight, p + "self_attn.o_proj.weight")
+            src.copy_into(layer.mlp_norm.weight, p + "post_attention_layernorm.weight")
+            src.copy_into(layer.mlp.gate_up.weight, p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
+            src.copy_into(layer.mlp.down.weight, p + "mlp.down_proj.weight")
+        src.copy_into(self.head.norm.weight, "model.norm.weight")
+        if not self.spec.tied_embeddings:
+            src.copy_into(self.head.lm_head.weight, "lm_head.weight")
+        elif src.has("lm_head.weight"):
+            src.take("lm_head.weight")  # a tied checkpoint may store the shared matrix twice
+        src.finish()

@@ -1,0 +1,151 @@
+"""Multi-head latent attention decoder (MiniCPM3 / DeepSeek-V2 dense layers).
+
+The cache holds, per token, only the normed KV latent (kv_lora_rank) and the rotated shared
+key (qk_rope_head_dim), in one [B, L, kv_lora_rank + qk_rope_head_dim] tensor per layer.
+
+Decode absorbs the up-projections: with kv_b split per head into W_UK [nope, kv_lora] and
+W_UV [v, kv_lora], a score is q_nope . (W_UK c) + q_pe . k_pe = (W_UK^T q_nope) . c + q_pe . k_pe,
+so the query is mapped into the latent space once and attends to the cache as one shared
+[kv_lora + rope] key; the attention output stays in the latent space and W_UV maps it back.
+A step reads the latent cache once and never expands it. Prefill expands K and V per head
+(cheaper there: every latent is used by many queries) and uses SDPA.
+
+Optional config keys (spec.extra): scale_emb, scale_depth, dim_model_base (MiniCPM3's
+embedding, residual and logit scalings; omitted means none) and rope_interleaved (true for
+DeepSeek-V2 checkpoints, whose rotary pairs are adjacent channels; MiniCPM3 uses halves).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from phasewatt.models.decoder import DecoderModel, spec_extra
+from phasewatt.models.layers import RMSNorm, SwiGLU, apply_rope
+from phasewatt.models.loader import CheckpointError, HFTensors
+
+
+class MLALayer(nn.Module):
+    def __init__(self, spec, device, dtype, residual_scale: float, rope_interleaved: bool):
+        super().__init__()
+        d = spec.d_model
+        self.n_heads = spec.n_heads
+        self.q_lora, self.kv_lora = spec.q_lora_rank, spec.kv_lora_rank
+        self.nope, self.rope, self.v_dim = spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.v_head_dim
+        self.scale = (self.nope + self.rope) ** -0.5
+        self.residual_scale = residual_scale
+        self.rope_interleaved = rope_interleaved
+        self.attn_norm = RMSNorm(d, spec.norm_eps, device=device, dtype=dtype)
+        # q_a_proj and kv_a_proj_with_mqa fused: both read the same normed input.
+        self.a_proj = nn.Linear(d, self.q_lora + self.kv_lora + self.rope, bias=False, device=device, dtype=dtype)
+        self.q_a_norm = RMSNorm(self.q_lora, spec.norm_eps, device=device, dtype=dtype)
+        self.q_b_proj = nn.Linear(self.q_lora, self.n_heads * (self.nope + self.rope), bias=False, device=device, dtype=dtype)
+        self.kv_a_norm = RMSNorm(self.kv_lora, spec.norm_eps, device=device, dtype=dtype)
+        self.kv_b_proj = nn.Linear(self.kv_lora, self.n_heads * (self.nope + self.v_dim), bias=False, device=device, dtype=dtype)
+        self.o = nn.Linear(self.n_heads * self.v_dim, d, bias=False, device=device, dtype=dtype)
+        self.mlp_norm = RMSNorm(d, spec.norm_eps, device=device, dtype=dtype)
+        self.mlp = SwiGLU(d, spec.d_ff, device=device, dtype=dtype)
+
+    def make_cache(self, batch: int, cache_len: int) -> tuple[torch.Tensor]:
+        """The latent cache [B, cache_len, kv_lora_rank + qk_rope_head_dim]."""
+        w = self.a_proj.weight
+        return (torch.zeros(batch, cache_len, self.kv_lora + self.rope, device=w.device, dtype=w.dtype),)
+
+    def _project(self, x, cos, sin):
+        """x [B, S, d] -> q_nope [B, S, H, nope], rotated q_pe [B, S, H, rope] and the cache
+        entries [B, S, kv_lora + rope] (normed latent, rotated shared key)."""
+        b, s, _ = x.shape
+        q_a, kv_lat, k_pe = self.a_proj(x).split([self.q_lora, self.kv_lora, self.rope], dim=-1)
+        q = self.q_b_proj(self.q_a_norm(q_a)).view(b, s, self.n_heads, self.nope + self.rope)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin, self.rope_interleaved)
+        k_pe = apply_rope(k_pe.view(b, s, 1, self.rope), cos, sin, self.rope_interleaved).view(b, s, self.rope)
+        return q_nope, q_pe, torch.cat([self.kv_a_norm(kv_lat), k_pe], dim=-1)
+
+    def _up_weights(self):
+        """W_UK [H, nope, kv_lora] and W_UV [H, v, kv_lora]: views of kv_b_proj's weight."""
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora)
+        return w[:, : self.nope], w[:, self.nope :]
+
+    def forward(self, h, delta, input_pos, cos, sin, mask, cache):
+        """Decode step, absorbed: h, delta [B, d]; returns the new (h, delta)."""
+        h = h + delta
+        b = h.shape[0]
+        (latent,) = cache
+        q_nope, q_pe, entry = self._project(self.attn_norm(h).unsqueeze(1), cos[input_pos], sin[input_pos])
+        latent[:, input_pos] = entry
+        w_uk, w_uv = self._up_weights()
+        q_lat = torch.einsum("bhn,hnc->bhc", q_nope.view(b, self.n_heads, self.nope), w_uk)
+        query = torch.cat([q_lat, q_pe.view(b, self.n_heads, self.rope)], dim=-1)  # [B, H, kv_lora + rope]
+        scores = torch.bmm(query, latent.transpose(1, 2)).float() * self.scale + mask
+        probs = torch.softmax(scores, dim=-1).to(h.dtype)  # [B, H, L]
+        out_lat = torch.bmm(probs, latent[:, :, : self.kv_lora])  # [B, H, kv_lora]
+        out = torch.einsum("bhc,hvc->bhv", out_lat, w_uv).reshape(b, self.n_heads * self.v_dim)
+        h = h + self.o(out) * self.residual_scale
+        return h, self.mlp(self.mlp_norm(h)) * self.residual_scale
+
+    def prefill(self, h, delta, cos, sin, cache, rows: slice):
+        """Whole prompts h, delta [b, S, d] of the cache rows `rows`, K/V expanded per head."""
+        h = h + delta
+        b, s, _ = h.shape
+        q_nope, q_pe, entry = self._project(self.attn_norm(h), cos, sin)
+        cache[0][rows, :s] = entry
+        kv = self.kv_b_proj(entry[..., : self.kv_lora]).view(b, s, self.n_heads, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k_pe = entry[..., self.kv_lora :].unsqueeze(2).expand(b, s, self.n_heads, self.rope)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
+        k = torch.cat([k_nope, k_pe], dim=-1).transpose(1, 2)
+        v = v.transpose(1, 2)
+        if self.v_dim != self.nope + self.rope:
+            # Equal head dims let the flash kernel take the call on CUDA; the pad adds zeros only.
+            v = F.pad(v, (0, self.nope + self.rope - self.v_dim))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)[..., : self.v_dim]
+        h = h + self.o(out.transpose(1, 2).reshape(b, s, self.n_heads * self.v_dim)) * self.residual_scale
+        return h, self.mlp(self.mlp_norm(h)) * self.residual_scale
+
+
+class MLAModel(DecoderModel):
+    def __init__(self, spec, device="cpu", dtype=torch.float32):
+        scale_depth = spec.extra.get("scale_depth")
+        residual_scale = spec_extra(spec, "scale_depth", 1.0) / math.sqrt(spec.n_layers) if scale_depth is not None else 1.0
+        super().__init__(
+            spec,
+            device,
+            dtype,
+            rope_dim=spec.qk_rope_head_dim,
+            embed_scale=spec_extra(spec, "scale_emb", 1.0),
+            logit_divisor=spec.d_model / spec_extra(spec, "dim_model_base", spec.d_model),
+        )
+        interleaved = spec_extra(spec, "rope_interleaved", False, kind=bool)
+        self.layers = nn.ModuleList(MLALayer(spec, device, dtype, residual_scale, interleaved) for _ in range(spec.n_layers))
+
+    def load_hf_state_dict(self, state_dict: dict) -> None:
+        """MiniCPM3/DeepseekV2 names -> ours (q_a_proj and kv_a_proj_with_mqa fused)."""
+        src = HFTensors(state_dict)
+        src.copy_into(self.embed.weight, "model.embed_tokens.weight")
+        if src.has("model.embed_tokens.embed_scale"):
+            stored = float(src.take("model.embed_tokens.embed_scale"))
+            if not math.isclose(stored, self.embed_scale, rel_tol=1e-6):
+                raise CheckpointError(f"checkpoint: embed_scale is {stored}, the model spec's scale_emb gives {self.embed_scale}")
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            a = p + "self_attn."
+            src.copy_into(layer.attn_norm.weight, p + "input_layernorm.weight")
+            src.copy_into(layer.a_proj.weight, a + "q_a_proj.weight", a + "kv_a_proj_with_mqa.weight")
+            src.copy_into(layer.q_a_norm.weight, a + "q_a_layernorm.weight")
+            src.copy_into(layer.q_b_proj.weight, a + "q_b_proj.weight")
+            src.copy_into(layer.kv_a_norm.weight, a + "kv_a_layernorm.weight")
+            src.copy_into(layer.kv_b_proj.weight, a + "kv_b_proj.weight")
+            src.copy_into(layer.o.weight, a + "o_proj.weight")
+            src.copy_into(layer.mlp_norm.weight, p + "post_attention_layernorm.weight")
+            src.copy_into(layer.mlp.gate_up.weight, p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
+            src.copy_into(layer.mlp.down.weight, p + "mlp.down_proj.weight")
+        src.copy_into(self.head.norm.weight, "model.norm.weight")
+        if not self.spec.tied_embeddings:
+            src.copy_into(self.head.lm_head.weight, "lm_head.weight")
+        elif src.has("lm_head.weight"):
+            src.take("lm_head.weight")  # a tied checkpoint may store the shared matrix twice
+        src.finish()
