@@ -39,6 +39,12 @@ class SwiGLU(nn.Module):
         gate, up = self.gate_up(x).split(self.d_ff, dim=-1)
         return self.down(F.silu(gate) * up)
 
+    def load_hf(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
+        """Copy HF's separate gate_proj/up_proj/down_proj weights into the fused layout."""
+        with torch.no_grad():
+            self.gate_up.weight.copy_(torch.cat([gate, up], dim=0))
+            self.down.weight.copy_(down)
+
 
 def precompute_rope(rot_dim: int, max_len: int, theta: float = 10000.0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables [max_len, rot_dim] in float32, frequencies repeated as (f0..fn, f0..fn)
@@ -70,4 +76,3 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     cos = cos.unsqueeze(-2)
     sin = sin.unsqueeze(-2)
     return (x32 * cos + _rotate_half(x32) * sin).to(dtype)
-
