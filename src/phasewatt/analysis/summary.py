@@ -56,3 +56,28 @@ def summarise(measurements: pd.DataFrame) -> pd.DataFrame:
             first = frame.groupby(keys, dropna=False)[col].first().reset_index(drop=True)
             out[col] = first.to_numpy()
     return out
+
+
+REPETITION_KEYS = ["model", "batch", "seqlen", "dvfs"]
+
+
+def repetition_table(measurements: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Per-repetition values of `metric`: one row per (model, batch, seqlen, dvfs,
+    repetition), one column per phase. Excluded windows are NaN, so a repetition that lost
+    one phase's window keeps the other; statistics drop incomplete rows where they need both."""
+    if metric not in measurements:
+        raise KeyError(f"measurements have no column {metric!r}")
+    values = measurements[metric].astype(float).where(~excluded_mask(measurements))
+    frame = measurements[REPETITION_KEYS + ["repetition", "phase"]].assign(value=values)
+    table = frame.set_index(REPETITION_KEYS + ["repetition", "phase"])["value"].unstack("phase")
+    table.columns.name = None
+    return table.sort_index()
+
+
+def repetitions_of(table: pd.DataFrame, model, batch, seqlen, dvfs) -> pd.DataFrame:
+    """The rows of repetition_table for one configuration (empty if it was not measured)."""
+    key = (model, batch, seqlen, dvfs)
+    try:
+        return table.loc[key]
+    except KeyError:
+        return table.iloc[0:0].droplevel(REPETITION_KEYS)
