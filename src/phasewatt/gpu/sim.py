@@ -1,6 +1,7 @@
 """SimGpu: a first-principles simulated GPU on a virtual clock.
 
-Time of a workload is its roofline time at the current SM clock plus a per-kernel overhead;
+Time of a workload is its roofline time at the current SM clock plus a per-kernel overhead
+(part of which stretches at lower clocks);
 power is a DVFS model (idle + HBM traffic + on-chip data movement + tensor cores, the on-chip
 parts scaling with f*V(f)^2); firmware lowers the clock to honour a power cap (setting the
 SW power cap reason); locks above the sustainable clock are held at it. Sensors behave like
@@ -116,7 +117,9 @@ class SimGpu:
         t_mem = work.hbm_bytes / bandwidth
         flops_rate = self.spec.peak_flops_at(f) * self._v["gemm_efficiency"]
         t_compute = work.flops / flops_rate
-        seconds = max(t_mem, t_compute) + work.kernels * self._v["kernel_overhead_us"] * 1e-6
+        scaled = self._v["kernel_overhead_clock_scaled"]
+        per_kernel_s = self._v["kernel_overhead_us"] * 1e-6 * ((1 - scaled) + scaled * self._fmax / f)
+        seconds = max(t_mem, t_compute) + work.kernels * per_kernel_s
         mem_activity = work.hbm_bytes / seconds / self.spec.copy_bandwidth_bytes_s
         tensor_activity = work.flops / seconds / flops_rate
         watts = (
