@@ -1,0 +1,175 @@
+"""GQA against transformers' Qwen3ForCausalLM and LlamaForCausalLM with the same weights,
+loaded through our checkpoint loader: prefill logits at every position, 16 decode steps'
+logits and the greedy tokens. Tiny float32 configs on CPU."""
+
+import json
+
+import pytest
+import torch
+
+from phasewatt.errors import ConfigError
+from phasewatt.models.gqa import GQAModel
+from phasewatt.models.loader import CheckpointError, load_checkpoint
+from phasewatt.models.spec import ModelSpec
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, D, LAYERS, HEADS, KV_HEADS, HEAD_DIM, FF = 96, 64, 2, 4, 2, 16, 80
+BATCH, PROMPT, STEPS = 2, 9, 16
+ATOL = 1e-4
+
+REFERENCES = {
+    # name: (config class, model class, qk_norm, tied, rope_theta)
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", True, True, 1e6),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", False, False, 5e5),
+}
+
+
+def tiny_spec(qk_norm: bool, tied: bool, rope_theta: float, **over) -> ModelSpec:
+    entry = dict(
+        arch="gqa", n_layers=LAYERS, d_model=D, n_heads=HEADS, n_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+        d_ff=FF, vocab_size=VOCAB, tied_embeddings=tied, qk_norm=qk_norm, rope_theta=rope_theta, norm_eps=1e-6,
+    )
+    entry.update(over)
+    return ModelSpec.from_config("tiny-gqa", entry)
+
+
+@pytest.fixture(scope="module", params=sorted(REFERENCES))
+def reference(request, tmp_path_factory):
+    """(name, HF model, its checkpoint directory)."""
+    config_name, model_name, _, tied, theta = REFERENCES[request.param]
+    config = getattr(transformers, config_name)(
+        vocab_size=VOCAB, hidden_size=D, intermediate_size=FF, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
+        tie_word_embeddings=tied, rope_theta=theta, rms_norm_eps=1e-6,
+        initializer_range=0.3,  # large weights: peaked attention, so position errors show
+    )
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(config).eval()
+    path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(path)
+    return request.param, model, path
+
+
+def ours_for(name: str, path) -> GQAModel:
+    _, _, qk_norm, tied, theta = REFERENCES[name]
+    model = GQAModel(tiny_spec(qk_norm, tied, theta))
+    load_checkpoint(model, path)
+    return model.eval()
+
+
+def greedy_against_reference(ours, ref, prompt):
+    """Prefill then STEPS greedy decode steps on ours; the reference recomputes the whole
+    sequence each step. Returns (prefill max |diff|, decode max |diff|, our tokens, theirs)."""
+    with torch.no_grad():
+        ours.setup_caches(prompt.shape[0], prompt.shape[1] + STEPS)
+        logits = ours.prefill(prompt, all_logits=True)
+        prefill_diff = (logits - ref(prompt).logits).abs().max().item()
+        seq, ours_next, decode_diff, ours_tokens, ref_tokens = prompt, logits[:, -1].argmax(-1), 0.0, [], []
+        for step in range(STEPS):
+            seq = torch.cat([seq, ours_next[:, None]], dim=1)
+            step_logits = ours.decode(ours_next, torch.tensor([prompt.shape[1] + step]))
+            ref_logits = ref(seq).logits[:, -1]
+            decode_diff = max(decode_diff, (step_logits - ref_logits).abs().max().item())
+            ours_next = step_logits.argmax(-1)
+            ours_tokens.append(ours_next)
+            ref_tokens.append(ref_logits.argmax(-1))
+    return prefill_diff, decode_diff, torch.stack(ours_tokens, 1), torch.stack(ref_tokens, 1)
+
+
+def test_prefill_and_decode_match_reference(reference):
+    name, ref, path = reference
+    prompt = torch.randint(0, VOCAB, (BATCH, PROMPT), generator=torch.Generator().manual_seed(1))
+    prefill_diff, decode_diff, ours_tokens, ref_tokens = greedy_against_reference(ours_for(name, path), ref, prompt)
+    assert prefill_diff < ATOL
+    assert decode_diff < ATOL
+    assert torch.equal(ours_tokens, ref_tokens)
+    assert len(set(ours_tokens.flatten().tolist())) > 1  # a degenerate model would prove nothing
+
+
+def test_wrong_rope_theta_is_caught(reference):
+    """The comparison is sensitive: a different rope base changes the logits."""
+    name, ref, path = reference
+    _, _, qk_norm, tied, theta = REFERENCES[name]
+    model = GQAModel(tiny_spec(qk_norm, tied, theta * 0.01))
+    load_checkpoint(model, path)
+    prompt = torch.randint(0, VOCAB, (1, PROMPT), generator=torch.Generator().manual_seed(2))
+    prefill_diff, _, _, _ = greedy_against_reference(model, ref, prompt)
+    assert prefill_diff > 1e-3
+
+
+def test_regional_compile_traces_each_layer_as_one_graph(reference):
+    """compile_decode with a CPU-only backend: every layer and the head trace without graph
+    breaks (fullgraph), the cache update survives functionalization, logits are unchanged."""
+    name, _, path = reference
+    eager, compiled = ours_for(name, path), ours_for(name, path)
+    compiled.compile_decode(backend="aot_eager")
+    prompt = torch.randint(0, VOCAB, (BATCH, PROMPT), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for model in (eager, compiled):
+            model.setup_caches(BATCH, PROMPT + 2)
+            model.prefill(prompt)
+        tokens = prompt[:, -1]
+        for step in range(2):
+            pos = torch.tensor([PROMPT + step])
+            expected, got = eager.decode(tokens, pos), compiled.decode(tokens, pos)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+            tokens = expected.argmax(-1)
+
+
+def test_sharded_checkpoint_loads(reference, tmp_path):
+    name, ref, _ = reference
+    ref.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    model = ours_for(name, tmp_path)
+    torch.testing.assert_close(model.embed.weight, ref.model.embed_tokens.weight)
+
+
+def test_cache_is_kv_heads_only():
+    model = GQAModel(tiny_spec(True, True, 1e6))
+    model.setup_caches(3, 70)
+    assert model.cache_len == 128  # rounded up to the alignment multiple
+    for k, v in model.caches:
+        assert k.shape == v.shape == (3, KV_HEADS, 128, HEAD_DIM)
+
+
+def test_batch_or_length_beyond_the_caches_is_refused():
+    model = GQAModel(tiny_spec(False, False, 1e4))
+    with pytest.raises(RuntimeError, match="setup_caches"):
+        model.prefill(torch.zeros(1, 4, dtype=torch.long))
+    model.setup_caches(2, 8)
+    with pytest.raises(ValueError, match="batch 2"):
+        model.prefill(torch.zeros(3, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="x 9"):
+        model.prefill(torch.zeros(2, 9, dtype=torch.long))
+
+
+def test_kv_heads_must_divide_heads():
+    with pytest.raises(ConfigError, match="n_kv_heads"):
+        GQAModel(tiny_spec(False, False, 1e4, n_kv_heads=3))
+
+
+def test_loader_errors_name_the_problem(reference, tmp_path):
+    name, _, path = reference
+    with pytest.raises(CheckpointError, match="not a directory"):
+        load_checkpoint(ours_for(name, path), tmp_path / "absent")
+    with pytest.raises(CheckpointError, match="neither model.safetensors"):
+        load_checkpoint(ours_for(name, path), tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "shard-1.safetensors"}}))
+    with pytest.raises(CheckpointError, match="shard-1.safetensors .* is missing"):
+        load_checkpoint(ours_for(name, path), tmp_path)
+
+    _, _, qk_norm, tied, theta = REFERENCES[name]
+    wrong_ff = GQAModel(tiny_spec(qk_norm, tied, theta, d_ff=FF + 8))
+    with pytest.raises(CheckpointError, match=r"gate_proj.weight\+.*up_proj.weight has shape"):
+        load_checkpoint(wrong_ff, path)
+    from phasewatt.models.loader import read_safetensors_dir
+
+    tensors = read_safetensors_dir(path)
+    missing = dict(tensors)
+    missing.pop("model.layers.1.self_attn.o_proj.weight")
+    with pytest.raises(CheckpointError, match="model.layers.1.self_attn.o_proj.weight is missing"):
+        ours_for(name, path).load_hf_state_dict(missing)
+    extra = dict(tensors, **{"model.layers.0.self_attn.q_proj.bias": torch.zeros(HEADS * HEAD_DIM)})
+    with pytest.raises(CheckpointError, match="no place for: model.layers.0.self_attn.q_proj.bias"):
+        ours_for(name, path).load_hf_state_dict(extra)
