@@ -140,3 +140,10 @@ def test_cpu_path_never_imports_fla_or_triton():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_repeat_heads_serves_consecutive_heads():
+    x = torch.arange(12.0).reshape(1, 2, 3, 2)  # [B, T, G=3, D]
+    repeated = ops.repeat_heads(x, 2)
+    assert repeated.shape == (1, 2, 6, 2)
+    assert torch.equal(repeated, x.repeat_interleave(2, dim=-2))

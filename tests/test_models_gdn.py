@@ -8,6 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from phasewatt.errors import ConfigError
+from phasewatt.models import recurrent
+from phasewatt.models.loader import CheckpointError, load_checkpoint
 from phasewatt.models.gdn import GatedDeltaNetModel
 from phasewatt.models.registry import build_model
 from phasewatt.models.spec import ModelSpec
@@ -81,7 +83,7 @@ def our_run(model, prompt: torch.Tensor):
 
 def load_saved(spec: ModelSpec, path) -> GatedDeltaNetModel:
     model = GatedDeltaNetModel(spec)
-    model.load_hf_state_dict(load_file(str(path / "model.safetensors")))
+    load_checkpoint(model, path)
     return model
 
 
@@ -109,6 +111,7 @@ def test_random_model_decode_continues_prefill():
     model = build_model(spec, dtype=torch.float32, seed=3)
     again = build_model(spec, dtype=torch.float32, seed=3)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert not torch.equal(model.layers[0].mixer.A_log, model.layers[1].mixer.A_log)
     tokens = torch.randint(0, spec.vocab_size, (3, 9), generator=torch.Generator().manual_seed(4))
     model.setup_caches(3, 16)
     whole = model.prefill(tokens)
@@ -135,24 +138,46 @@ def test_loader_reports_missing_misshapen_and_unknown_tensors(tmp_path):
     name = "model.layers.1.linear_attn.A_log"
 
     missing = {k: v for k, v in state.items() if k != name}
-    with pytest.raises(ConfigError, match=f"checkpoints.tiny-gdn: tensor '{name}' missing"):
+    with pytest.raises(CheckpointError, match=f"tensor {name} is missing"):
         GatedDeltaNetModel(spec).load_hf_state_dict(missing)
 
-    misshapen = dict(state, **{name: torch.zeros(3)})
-    with pytest.raises(ConfigError, match=r"has shape \(3,\); the spec needs \(2,\)"):
-        GatedDeltaNetModel(spec).load_hf_state_dict(misshapen)
+    for bad in (name, "model.layers.0.linear_attn.in_proj_qkvz.weight"):
+        misshapen = dict(state, **{bad: torch.zeros(3)})
+        with pytest.raises(CheckpointError, match=rf"{bad} has shape \(3,\), the model spec needs"):
+            GatedDeltaNetModel(spec).load_hf_state_dict(misshapen)
 
     hybrid = dict(state, **{"model.layers.0.self_attn.q_proj.weight": torch.zeros(4, 32)})
-    with pytest.raises(ConfigError, match="self_attn.q_proj.weight"):
+    with pytest.raises(CheckpointError, match="no place for: model.layers.0.self_attn.q_proj.weight"):
         GatedDeltaNetModel(spec).load_hf_state_dict(hybrid)
+
+    with_mtp = dict(state, **{"mtp.fc.weight": torch.zeros(4, 32)})
+    GatedDeltaNetModel(spec).load_hf_state_dict(with_mtp)
+
+
+def test_prefill_in_row_groups_equals_whole_batch(monkeypatch):
+    """Prompts longer than the prefill token budget go through a few rows at a time; logits
+    and the states they leave are those of one pass."""
+    model = build_model(tiny_spec(4, False), dtype=torch.float32, seed=6)
+    tokens = torch.randint(0, 97, (5, 12), generator=torch.Generator().manual_seed(7))
+    model.setup_caches(5, 12)
+    whole = model.prefill(tokens, all_logits=True)
+    whole_states = [t.clone() for state in model.states for t in state]
+    monkeypatch.setattr(recurrent, "PREFILL_CHUNK_TOKENS", 24)  # two rows at a time
+    model.setup_caches(5, 12)
+    grouped = model.prefill(tokens, all_logits=True)
+    torch.testing.assert_close(grouped, whole, atol=1e-6, rtol=0)
+    for a, b in zip((t for state in model.states for t in state), whole_states):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
 def test_bad_value_heads_and_batch_are_refused():
-    with pytest.raises(ConfigError, match="models.tiny-gdn.n_v_heads"):
+    with pytest.raises(ConfigError, match="models.tiny-gdn.n_v_heads: 3; allowed: a positive multiple of n_heads=2"):
         GatedDeltaNetModel(tiny_spec(3, False))
     model = GatedDeltaNetModel(tiny_spec(2, False))
+    with pytest.raises(RuntimeError, match="setup_caches"):
+        model.prefill(torch.zeros(2, 4, dtype=torch.long))
     model.setup_caches(2, 8)
-    with pytest.raises(ValueError, match="batch 1 but setup_caches was called for batch 2"):
+    with pytest.raises(ValueError, match="states hold batch 2; asked for batch 1"):
         model.prefill(torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="prefill_backend 'cuda'"):
         model.prefill_backend = "cuda"

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from phasewatt.errors import ConfigError
+from phasewatt.models.loader import CheckpointError, load_checkpoint
 from phasewatt.models.mamba2 import Mamba2Model
 from phasewatt.models.registry import build_model
 from phasewatt.models.spec import ModelSpec
@@ -77,7 +78,7 @@ def our_run(model, prompt: torch.Tensor):
 
 def load_saved(spec: ModelSpec, path) -> Mamba2Model:
     model = Mamba2Model(spec)
-    model.load_hf_state_dict(load_file(str(path / "model.safetensors")))
+    load_checkpoint(model, path)
     return model
 
 
@@ -127,6 +128,7 @@ def test_mamba_ssm_embedding_name_loads(tmp_path):
     model = Mamba2Model(spec)
     model.load_hf_state_dict(state)
     assert torch.equal(model.embed.weight, state["backbone.embedding.weight"])
+    assert torch.equal(model.layers[1].mixer.conv_weight, state["backbone.layers.1.mixer.conv1d.weight"][:, 0])
 
 
 def test_random_model_decode_continues_prefill():
@@ -150,24 +152,26 @@ def test_loader_reports_missing_misshapen_and_unknown_tensors(tmp_path):
     name = "backbone.layers.0.mixer.conv1d.bias"
 
     missing = {k: v for k, v in state.items() if k != name}
-    with pytest.raises(ConfigError, match=f"checkpoints.tiny-mamba2: tensor '{name}' missing"):
+    with pytest.raises(CheckpointError, match=f"tensor {name} is missing"):
         Mamba2Model(spec).load_hf_state_dict(missing)
 
     misshapen = dict(state, **{"backbone.layers.1.mixer.D": torch.zeros(5)})
-    with pytest.raises(ConfigError, match=r"'backbone.layers.1.mixer.D' has shape \(5,\); the spec needs \(4,\)"):
+    with pytest.raises(CheckpointError, match=r"backbone.layers.1.mixer.D has shape \(5,\), the model spec needs \(4,\)"):
         Mamba2Model(spec).load_hf_state_dict(misshapen)
 
     deeper = dict(state, **{"backbone.layers.2.norm.weight": torch.ones(32)})
-    with pytest.raises(ConfigError, match="backbone.layers.2.norm.weight"):
+    with pytest.raises(CheckpointError, match="no place for: backbone.layers.2.norm.weight"):
         Mamba2Model(spec).load_hf_state_dict(deeper)
 
 
 def test_bad_shapes_and_batch_are_refused():
     with pytest.raises(ConfigError, match="models.tiny-mamba2.time_step_limit"):
         Mamba2Model(tiny_spec(False, time_step_limit=[0.1, 0.01]))
+    with pytest.raises(ConfigError, match="models.tiny-mamba2.time_step_limit"):
+        Mamba2Model(tiny_spec(False, time_step_limit="fast"))
     with pytest.raises(ConfigError, match="models.tiny-mamba2.n_groups"):
         Mamba2Model(ModelSpec(**{**tiny_spec(False).__dict__, "n_groups": 3}))
     model = Mamba2Model(tiny_spec(False))
     model.setup_caches(2, 8)
-    with pytest.raises(ValueError, match="batch 1 but setup_caches was called for batch 2"):
+    with pytest.raises(ValueError, match="states hold batch 2; asked for batch 1"):
         model.prefill(torch.zeros(1, 4, dtype=torch.long))

@@ -25,8 +25,9 @@ from torch import nn
 
 from phasewatt.errors import ConfigError
 from phasewatt.models import linear_ops
-from phasewatt.models.hf_state import HFStateReader
 from phasewatt.models.layers import SwiGLU
+from phasewatt.models.loader import CheckpointError, HFTensors
+from phasewatt.models.recurrent import RecurrentModel
 from phasewatt.models.spec import ModelSpec
 
 
@@ -83,8 +84,8 @@ class GatedDeltaNetMixer(nn.Module):
 
     @torch.no_grad()
     def reset_recurrent_parameters(self) -> None:
-        """Random weights in the ranges trained models use: decay rates A in [1, 16], time
-        steps softplus(dt_bias) in [1e-3, 1e-1], conv filters like nn.Conv1d's default."""
+        """Random weights as fla's GatedDeltaNet initialises them: decay rates A in [1, 16],
+        time steps softplus(dt_bias) log-uniform in [1e-3, 1e-1], conv like nn.Conv1d's default."""
         nn.init.kaiming_uniform_(self.conv_weight.unsqueeze(1), a=math.sqrt(5))
         self.A_log.copy_(torch.empty_like(self.A_log, dtype=torch.float32).uniform_(1, 16).log())
         dt = torch.exp(torch.empty_like(self.dt_bias, dtype=torch.float32).uniform_(math.log(1e-3), math.log(1e-1)))
@@ -130,24 +131,37 @@ class GatedDeltaNetMixer(nn.Module):
         )
         return self._output(core, z)
 
-    def load_hf(self, take, prefix: str) -> None:
+    def make_state(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = self.in_proj.weight
+        conv = torch.zeros(batch, self.conv_dim, self.conv_weight.shape[-1] - 1, device=weight.device, dtype=weight.dtype)
+        ssm = torch.zeros(batch, self.n_v_heads, self.head_k_dim, self.head_v_dim, device=weight.device, dtype=torch.float32)
+        return conv, ssm
+
+    def load_hf(self, tensors: HFTensors, prefix: str) -> None:
         """Qwen3-Next stores in_proj_qkvz grouped by key head ([q, k, v-group, z-group] per key
         head) and in_proj_ba likewise ([b-group, a-group]); regroup them into our q|k|v|z|b|a."""
         d = self.in_proj.in_features
         group = self.n_v_heads // self.n_k_heads
         gv = group * self.head_v_dim
-        qkvz = take(prefix + "in_proj_qkvz.weight", (2 * self.key_dim + 2 * self.value_dim, d))
+        qkvz = _take_shaped(tensors, prefix + "in_proj_qkvz.weight", (2 * self.key_dim + 2 * self.value_dim, d))
+        ba = _take_shaped(tensors, prefix + "in_proj_ba.weight", (2 * self.n_v_heads, d))
         q, k, v, z = qkvz.reshape(self.n_k_heads, -1, d).split([self.head_k_dim, self.head_k_dim, gv, gv], dim=1)
-        ba = take(prefix + "in_proj_ba.weight", (2 * self.n_v_heads, d))
         b, a = ba.reshape(self.n_k_heads, 2 * group, d).split([group, group], dim=1)
-        rows = [t.reshape(-1, d) for t in (q, k, v, z, b, a)]
+        conv = _take_shaped(tensors, prefix + "conv1d.weight", (self.conv_dim, 1, self.conv_weight.shape[-1]))
         with torch.no_grad():
-            self.in_proj.weight.copy_(torch.cat(rows, dim=0))
-            self.conv_weight.copy_(take(prefix + "conv1d.weight", (self.conv_dim, 1, self.conv_weight.shape[-1]))[:, 0])
-            self.A_log.copy_(take(prefix + "A_log", (self.n_v_heads,)))
-            self.dt_bias.copy_(take(prefix + "dt_bias", (self.n_v_heads,)))
-            self.norm.weight.copy_(take(prefix + "norm.weight", (self.head_v_dim,)))
-            self.out_proj.weight.copy_(take(prefix + "out_proj.weight", (self.out_proj.out_features, self.value_dim)))
+            self.in_proj.weight.copy_(torch.cat([t.reshape(-1, d) for t in (q, k, v, z, b, a)]))
+            self.conv_weight.copy_(conv[:, 0])
+        tensors.copy_into(self.A_log, prefix + "A_log")
+        tensors.copy_into(self.dt_bias, prefix + "dt_bias")
+        tensors.copy_into(self.norm.weight, prefix + "norm.weight")
+        tensors.copy_into(self.out_proj.weight, prefix + "out_proj.weight")
+
+
+def _take_shaped(tensors: HFTensors, name: str, shape: tuple) -> torch.Tensor:
+    value = tensors.take(name)
+    if tuple(value.shape) != tuple(shape):
+        raise CheckpointError(f"checkpoint: {name} has shape {tuple(value.shape)}, the model spec needs {tuple(shape)}")
+    return value
 
 
 class GatedDeltaNetBlock(nn.Module):
@@ -158,112 +172,51 @@ class GatedDeltaNetBlock(nn.Module):
         self.mixer = GatedDeltaNetMixer(spec, n_v_heads, **factory)
         self.post_norm = ZeroCentredRMSNorm(spec.d_model, spec.norm_eps, **factory)
         self.mlp = SwiGLU(spec.d_model, spec.d_ff, **factory)
-        self.register_buffer("conv_state", None, persistent=False)
-        self.register_buffer("ssm_state", None, persistent=False)
 
-    def forward(self, h: torch.Tensor, decode: bool) -> torch.Tensor:
-        mix = self.mixer.decode if decode else self.mixer.prefill
-        h = h + mix(self.input_norm(h), self.conv_state, self.ssm_state)
+    def make_state(self, batch: int):
+        return self.mixer.make_state(batch)
+
+    def prefill(self, h: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
+        h = h + self.mixer.prefill(self.input_norm(h), conv_state, ssm_state)
         return h + self.mlp(self.post_norm(h))
 
+    def forward(self, h: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
+        """One decode step."""
+        h = h + self.mixer.decode(self.input_norm(h), conv_state, ssm_state)
+        return h + self.mlp(self.post_norm(h))
 
-class GatedDeltaNetModel(nn.Module):
+    def load_hf(self, tensors: HFTensors, prefix: str) -> None:
+        tensors.copy_into(self.input_norm.weight, prefix + "input_layernorm.weight")
+        tensors.copy_into(self.post_norm.weight, prefix + "post_attention_layernorm.weight")
+        self.mixer.load_hf(tensors, prefix + "linear_attn.")
+        tensors.copy_into(self.mlp.gate_up.weight, prefix + "mlp.gate_proj.weight", prefix + "mlp.up_proj.weight")
+        tensors.copy_into(self.mlp.down.weight, prefix + "mlp.down_proj.weight")
+
+
+class GatedDeltaNetModel(RecurrentModel):
     """Gated DeltaNet LM with fixed-shape states; see the module docstring for the layout."""
 
     def __init__(self, spec: ModelSpec, device="cpu", dtype=torch.float32):
-        super().__init__()
-        self.spec = spec
-        self.n_v_heads = int(spec.extra.get("n_v_heads", spec.n_heads))
-        if self.n_v_heads <= 0 or self.n_v_heads % spec.n_heads:
+        n_v_heads = spec.extra.get("n_v_heads", spec.n_heads)
+        if not isinstance(n_v_heads, int) or n_v_heads <= 0 or n_v_heads % spec.n_heads:
             raise ConfigError(
-                f"models.{spec.name}.n_v_heads: {self.n_v_heads}; must be a positive multiple of n_heads={spec.n_heads}"
+                f"models.{spec.name}.n_v_heads: {n_v_heads!r}; allowed: a positive multiple of n_heads={spec.n_heads}"
             )
         factory = {"device": device, "dtype": dtype}
-        self.embed = nn.Embedding(spec.vocab_size, spec.d_model, **factory)
-        self.layers = nn.ModuleList(
-            GatedDeltaNetBlock(spec, self.n_v_heads, **factory) for _ in range(spec.n_layers)
-        )
-        self.norm = ZeroCentredRMSNorm(spec.d_model, spec.norm_eps, **factory)
-        self.lm_head = None if spec.tied_embeddings else nn.Linear(spec.d_model, spec.vocab_size, bias=False, **factory)
-        self.cache_batch = 0
+        blocks = [GatedDeltaNetBlock(spec, n_v_heads, **factory) for _ in range(spec.n_layers)]
+        super().__init__(spec, blocks, ZeroCentredRMSNorm(spec.d_model, spec.norm_eps, **factory), device, dtype)
+        self.n_v_heads = n_v_heads
 
-    # ----- prefill backend -------------------------------------------------------------------
-    @property
-    def prefill_backend(self) -> str:
-        """'auto' (fla on CUDA, torch chunked elsewhere), 'torch' or 'fla'."""
-        return self.layers[0].mixer.backend
-
-    @prefill_backend.setter
-    def prefill_backend(self, backend: str) -> None:
-        if backend not in linear_ops.BACKENDS:
-            raise ValueError(f"prefill_backend '{backend}'; allowed: " + ", ".join(linear_ops.BACKENDS))
-        for layer in self.layers:
-            layer.mixer.backend = backend
-
-    # ----- states --------------------------------------------------------------------------
-    def setup_caches(self, batch: int, max_len: int) -> None:
-        """Allocate zeroed conv and recurrent states for `batch` sequences. Their size does not
-        depend on the sequence length, so max_len only documents the caller's intent."""
-        weight = self.embed.weight
-        for layer in self.layers:
-            mixer = layer.mixer
-            layer.conv_state = torch.zeros(
-                batch, mixer.conv_dim, mixer.conv_weight.shape[-1] - 1, device=weight.device, dtype=weight.dtype
-            )
-            layer.ssm_state = torch.zeros(
-                batch, mixer.n_v_heads, mixer.head_k_dim, mixer.head_v_dim, device=weight.device, dtype=torch.float32
-            )
-        self.cache_batch = batch
-
-    def _check_batch(self, batch: int) -> None:
-        if batch != self.cache_batch:
-            raise ValueError(f"batch {batch} but setup_caches was called for batch {self.cache_batch}")
-
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        h = self.norm(h)
-        return F.linear(h, self.embed.weight) if self.lm_head is None else self.lm_head(h)
-
-    # ----- forward ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def prefill(self, tokens: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
-        """Run the prompts tokens [B, S] from empty states (which it overwrites); logits of the
-        last position [B, V], or of every position [B, S, V]."""
-        self._check_batch(tokens.shape[0])
-        h = self.embed(tokens)
-        for layer in self.layers:
-            h = layer(h, decode=False)
-        return self._logits(h if all_logits else h[:, -1])
-
-    @torch.no_grad()
-    def decode(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """One token per sequence, tokens [B]; logits [B, V]. input_pos is unused: a recurrent
-        state carries no positions."""
-        h = self.embed(tokens)
-        for layer in self.layers:
-            h = layer(h, decode=True)
-        return self._logits(h)
-
-    # ----- weights ---------------------------------------------------------------------------
     def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Copy a Qwen3NextForCausalLM state dict (all layers linear attention, dense MLPs)."""
-        take = HFStateReader(state_dict, self.spec.name, "gdn")
-        d = self.spec.d_model
-        with torch.no_grad():
-            self.embed.weight.copy_(take("model.embed_tokens.weight", (self.spec.vocab_size, d)))
-            for i, layer in enumerate(self.layers):
-                p = f"model.layers.{i}."
-                layer.input_norm.weight.copy_(take(p + "input_layernorm.weight", (d,)))
-                layer.post_norm.weight.copy_(take(p + "post_attention_layernorm.weight", (d,)))
-                layer.mixer.load_hf(take, p + "linear_attn.")
-                layer.mlp.load_hf(
-                    take(p + "mlp.gate_proj.weight", (self.spec.d_ff, d)),
-                    take(p + "mlp.up_proj.weight", (self.spec.d_ff, d)),
-                    take(p + "mlp.down_proj.weight", (d, self.spec.d_ff)),
-                )
-            self.norm.weight.copy_(take("model.norm.weight", (d,)))
-            if self.lm_head is None:
-                take.skip("lm_head.weight")
-            else:
-                self.lm_head.weight.copy_(take("lm_head.weight", (self.spec.vocab_size, d)))
-        take.finish(ignored_prefixes=("mtp.",))
-
+        """Copy a Qwen3NextForCausalLM state dict (all layers linear attention, dense MLPs);
+        its multi-token-prediction head (mtp.*) is not part of the model and is skipped."""
+        tensors = HFTensors({k: v for k, v in state_dict.items() if not k.startswith("mtp.")})
+        tensors.copy_into(self.embed.weight, "model.embed_tokens.weight")
+        for i, layer in enumerate(self.layers):
+            layer.load_hf(tensors, f"model.layers.{i}.")
+        tensors.copy_into(self.final_norm.weight, "model.norm.weight")
+        if self.lm_head is not None:
+            tensors.copy_into(self.lm_head.weight, "lm_head.weight")
+        elif tensors.has("lm_head.weight"):
+            tensors.take("lm_head.weight")
+        tensors.finish()

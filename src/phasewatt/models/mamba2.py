@@ -24,8 +24,9 @@ from torch import nn
 
 from phasewatt.errors import ConfigError
 from phasewatt.models import linear_ops
-from phasewatt.models.hf_state import HFStateReader
 from phasewatt.models.layers import RMSNorm
+from phasewatt.models.loader import HFTensors
+from phasewatt.models.recurrent import RecurrentModel
 from phasewatt.models.spec import ModelSpec
 
 
@@ -118,17 +119,20 @@ class Mamba2Mixer(nn.Module):
         y = linear_ops.simple_gla_step(ssm_state, q, k, v, g, 1.0)
         return self._output(y, x, z)
 
-    def load_hf(self, take, prefix: str) -> None:
-        d = self.in_proj.in_features
-        width = self.conv_weight.shape[-1]
-        with torch.no_grad():
-            self.in_proj.weight.copy_(take(prefix + "in_proj.weight", (self.in_proj.out_features, d)))
-            self.conv_weight.copy_(take(prefix + "conv1d.weight", (self.conv_dim, 1, width))[:, 0])
-            self.conv_bias.copy_(take(prefix + "conv1d.bias", (self.conv_dim,)))
-            for name in ("dt_bias", "A_log", "D"):
-                getattr(self, name).copy_(take(prefix + name, (self.n_heads,)))
-            self.norm.weight.copy_(take(prefix + "norm.weight", (self.d_inner,)))
-            self.out_proj.weight.copy_(take(prefix + "out_proj.weight", (d, self.d_inner)))
+    def make_state(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = self.in_proj.weight
+        conv = torch.zeros(batch, self.conv_dim, self.conv_weight.shape[-1] - 1, device=weight.device, dtype=weight.dtype)
+        ssm = torch.zeros(batch, self.n_heads, self.d_state, self.head_dim, device=weight.device, dtype=torch.float32)
+        return conv, ssm
+
+    def load_hf(self, tensors: HFTensors, prefix: str) -> None:
+        tensors.copy_into(self.in_proj.weight, prefix + "in_proj.weight")
+        tensors.copy_into(self.conv_weight.unsqueeze(1), prefix + "conv1d.weight")
+        tensors.copy_into(self.conv_bias, prefix + "conv1d.bias")
+        for name in ("dt_bias", "A_log", "D"):
+            tensors.copy_into(getattr(self, name), prefix + name)
+        tensors.copy_into(self.norm.weight, prefix + "norm.weight")
+        tensors.copy_into(self.out_proj.weight, prefix + "out_proj.weight")
 
 
 class Mamba2Block(nn.Module):
@@ -136,98 +140,46 @@ class Mamba2Block(nn.Module):
         super().__init__()
         self.norm = RMSNorm(spec.d_model, spec.norm_eps, device=device, dtype=dtype)
         self.mixer = Mamba2Mixer(spec, time_step_limit, device=device, dtype=dtype)
-        self.register_buffer("conv_state", None, persistent=False)
-        self.register_buffer("ssm_state", None, persistent=False)
 
-    def forward(self, h: torch.Tensor, decode: bool) -> torch.Tensor:
-        mix = self.mixer.decode if decode else self.mixer.prefill
-        return h + mix(self.norm(h), self.conv_state, self.ssm_state)
+    def make_state(self, batch: int):
+        return self.mixer.make_state(batch)
+
+    def prefill(self, h: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
+        return h + self.mixer.prefill(self.norm(h), conv_state, ssm_state)
+
+    def forward(self, h: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
+        """One decode step."""
+        return h + self.mixer.decode(self.norm(h), conv_state, ssm_state)
 
 
-class Mamba2Model(nn.Module):
+class Mamba2Model(RecurrentModel):
     """Mamba2 LM with fixed-shape states; see the module docstring for the layout."""
 
     def __init__(self, spec: ModelSpec, device="cpu", dtype=torch.float32):
-        super().__init__()
-        self.spec = spec
         limit = spec.extra.get("time_step_limit", (0.0, float("inf")))
-        if len(limit) != 2 or not 0 <= float(limit[0]) < float(limit[1]):
-            raise ConfigError(f"models.{spec.name}.time_step_limit: {limit}; a pair [min, max] with 0 <= min < max")
+        try:
+            low, high = (float(x) for x in limit)
+        except (TypeError, ValueError):
+            low, high = 1.0, 0.0
+        if not 0.0 <= low < high:
+            raise ConfigError(f"models.{spec.name}.time_step_limit: {limit!r}; allowed: [min, max] with 0 <= min < max")
         if spec.mamba_heads % spec.n_groups:
-            raise ConfigError(
-                f"models.{spec.name}.n_groups: {spec.n_groups} must divide the {spec.mamba_heads} heads"
-            )
-        limit = (float(limit[0]), float(limit[1]))
+            raise ConfigError(f"models.{spec.name}.n_groups: {spec.n_groups}; must divide the {spec.mamba_heads} heads")
         factory = {"device": device, "dtype": dtype}
-        self.embed = nn.Embedding(spec.vocab_size, spec.d_model, **factory)
-        self.layers = nn.ModuleList(Mamba2Block(spec, limit, **factory) for _ in range(spec.n_layers))
-        self.norm_f = RMSNorm(spec.d_model, spec.norm_eps, **factory)
-        self.lm_head = None if spec.tied_embeddings else nn.Linear(spec.d_model, spec.vocab_size, bias=False, **factory)
-        self.cache_batch = 0
-
-    @property
-    def prefill_backend(self) -> str:
-        """'auto' (fla on CUDA, torch chunked elsewhere), 'torch' or 'fla'."""
-        return self.layers[0].mixer.backend
-
-    @prefill_backend.setter
-    def prefill_backend(self, backend: str) -> None:
-        if backend not in linear_ops.BACKENDS:
-            raise ValueError(f"prefill_backend '{backend}'; allowed: " + ", ".join(linear_ops.BACKENDS))
-        for layer in self.layers:
-            layer.mixer.backend = backend
-
-    def setup_caches(self, batch: int, max_len: int) -> None:
-        """Allocate zeroed conv and SSD states for `batch` sequences. Their size does not depend
-        on the sequence length, so max_len only documents the caller's intent."""
-        weight = self.embed.weight
-        for layer in self.layers:
-            mixer = layer.mixer
-            layer.conv_state = torch.zeros(
-                batch, mixer.conv_dim, mixer.conv_weight.shape[-1] - 1, device=weight.device, dtype=weight.dtype
-            )
-            layer.ssm_state = torch.zeros(
-                batch, mixer.n_heads, mixer.d_state, mixer.head_dim, device=weight.device, dtype=torch.float32
-            )
-        self.cache_batch = batch
-
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        h = self.norm_f(h)
-        return F.linear(h, self.embed.weight) if self.lm_head is None else self.lm_head(h)
-
-    @torch.no_grad()
-    def prefill(self, tokens: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
-        """Run the prompts tokens [B, S] from empty states (which it overwrites); logits of the
-        last position [B, V], or of every position [B, S, V]."""
-        if tokens.shape[0] != self.cache_batch:
-            raise ValueError(f"batch {tokens.shape[0]} but setup_caches was called for batch {self.cache_batch}")
-        h = self.embed(tokens)
-        for layer in self.layers:
-            h = layer(h, decode=False)
-        return self._logits(h if all_logits else h[:, -1])
-
-    @torch.no_grad()
-    def decode(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """One token per sequence, tokens [B]; logits [B, V]. input_pos is unused: a recurrent
-        state carries no positions."""
-        h = self.embed(tokens)
-        for layer in self.layers:
-            h = layer(h, decode=True)
-        return self._logits(h)
+        blocks = [Mamba2Block(spec, (low, high), **factory) for _ in range(spec.n_layers)]
+        super().__init__(spec, blocks, RMSNorm(spec.d_model, spec.norm_eps, **factory), device, dtype)
 
     def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Copy a Mamba2ForCausalLM state dict (or a mamba_ssm one: 'backbone.embedding.weight')."""
-        take = HFStateReader(state_dict, self.spec.name, "mamba2")
-        d = self.spec.d_model
-        with torch.no_grad():
-            embed = take.first_present(("backbone.embeddings.weight", "backbone.embedding.weight"))
-            self.embed.weight.copy_(take(embed, (self.spec.vocab_size, d)))
-            for i, layer in enumerate(self.layers):
-                layer.norm.weight.copy_(take(f"backbone.layers.{i}.norm.weight", (d,)))
-                layer.mixer.load_hf(take, f"backbone.layers.{i}.mixer.")
-            self.norm_f.weight.copy_(take("backbone.norm_f.weight", (d,)))
-            if self.lm_head is None:
-                take.skip("lm_head.weight")
-            else:
-                self.lm_head.weight.copy_(take("lm_head.weight", (self.spec.vocab_size, d)))
-        take.finish()
+        tensors = HFTensors(state_dict)
+        embed = "backbone.embedding.weight" if tensors.has("backbone.embedding.weight") else "backbone.embeddings.weight"
+        tensors.copy_into(self.embed.weight, embed)
+        for i, layer in enumerate(self.layers):
+            tensors.copy_into(layer.norm.weight, f"backbone.layers.{i}.norm.weight")
+            layer.mixer.load_hf(tensors, f"backbone.layers.{i}.mixer.")
+        tensors.copy_into(self.final_norm.weight, "backbone.norm_f.weight")
+        if self.lm_head is not None:
+            tensors.copy_into(self.lm_head.weight, "lm_head.weight")
+        elif tensors.has("lm_head.weight"):
+            tensors.take("lm_head.weight")
+        tensors.finish()
