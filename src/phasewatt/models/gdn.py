@@ -197,7 +197,8 @@ class GatedDeltaNetModel(RecurrentModel):
     """Gated DeltaNet LM with fixed-shape states; see the module docstring for the layout."""
 
     def __init__(self, spec: ModelSpec, device="cpu", dtype=torch.float32):
-        n_v_heads = spec.extra.get("n_v_heads", spec.n_heads)
+        # Read as a spec field if ModelSpec has one, else from the config's extra keys.
+        n_v_heads = getattr(spec, "n_v_heads", 0) or spec.extra.get("n_v_heads", spec.n_heads)
         if not isinstance(n_v_heads, int) or n_v_heads <= 0 or n_v_heads % spec.n_heads:
             raise ConfigError(
                 f"models.{spec.name}.n_v_heads: {n_v_heads!r}; allowed: a positive multiple of n_heads={spec.n_heads}"
