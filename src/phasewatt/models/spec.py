@@ -78,6 +78,7 @@ class ModelSpec:
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
     expand_v: int = 1
+    n_v_heads: int = 0  # Gated DeltaNet value heads; 0 = n_heads
     conv_size: int = 4
     d_state: int = 0
     expand: int = 2
@@ -111,6 +112,10 @@ class ModelSpec:
             raise ConfigError(
                 f"models.{self.name}.dtype: '{self.dtype}'; allowed: " + ", ".join(DTYPE_BYTES)
             )
+        if self.arch == "gdn" and self.gdn_v_heads % self.n_heads:
+            raise ConfigError(
+                f"models.{self.name}.n_v_heads: must be a multiple of n_heads = {self.n_heads}"
+            )
         if self.arch == "mamba2" and (self.d_inner % self.head_dim):
             raise ConfigError(
                 f"models.{self.name}.head_dim: must divide expand * d_model = {self.d_inner}"
@@ -140,8 +145,12 @@ class ModelSpec:
         return self.n_heads * self.head_dim
 
     @property
+    def gdn_v_heads(self) -> int:
+        return self.n_v_heads or self.n_heads
+
+    @property
     def gdn_value_dim(self) -> int:
-        return self.n_heads * self.head_dim * self.expand_v
+        return self.gdn_v_heads * self.head_dim * self.expand_v
 
     def conv_channels(self) -> int:
         if self.arch == "gdn":
@@ -170,7 +179,7 @@ class ModelSpec:
         if self.arch == "gdn":
             qk = 2 * d * self.gdn_key_dim
             v_and_gate = 2 * d * self.gdn_value_dim
-            beta_alpha = 2 * d * self.n_heads
+            beta_alpha = 2 * d * self.gdn_v_heads
             o = self.gdn_value_dim * d
             return qk + v_and_gate + beta_alpha + o + mlp
         in_proj = d * (2 * self.d_inner + 2 * self.n_groups * self.d_state + self.mamba_heads)
@@ -185,7 +194,7 @@ class ModelSpec:
         if self.arch == "mla":
             return 2 * d + self.q_lora_rank + self.kv_lora_rank
         if self.arch == "gdn":
-            return 2 * d + self.conv_channels() * self.conv_size + 2 * self.n_heads + self.head_dim * self.expand_v
+            return 2 * d + self.conv_channels() * self.conv_size + 2 * self.gdn_v_heads + self.head_dim * self.expand_v
         return d + self.conv_channels() * (self.conv_size + 1) + 3 * self.mamba_heads + self.d_inner
 
     def embedding_params(self) -> int:
@@ -219,7 +228,7 @@ class ModelSpec:
         """Fixed-size recurrent and conv state of one sequence (0 for attention models)."""
         conv = self.conv_channels() * (self.conv_size - 1) * self.dtype_bytes
         if self.arch == "gdn":
-            return self.n_layers * (self.n_heads * self.head_dim * self.head_dim * self.expand_v * STATE_BYTES + conv)
+            return self.n_layers * (self.gdn_v_heads * self.head_dim * self.head_dim * self.expand_v * STATE_BYTES + conv)
         if self.arch == "mamba2":
             return self.n_layers * (self.mamba_heads * self.head_dim * self.d_state * STATE_BYTES + conv)
         return 0
@@ -242,7 +251,7 @@ class ModelSpec:
         if self.arch == "mla":
             return 2.0 * self.n_heads * (2 * self.kv_lora_rank + self.qk_rope_head_dim) * context
         if self.arch == "gdn":
-            return 8.0 * self.n_heads * self.head_dim * self.head_dim * self.expand_v
+            return 8.0 * self.gdn_v_heads * self.head_dim * self.head_dim * self.expand_v
         return 6.0 * self.mamba_heads * self.head_dim * self.d_state
 
     def _prefill_mixer_flops(self, prompt: int) -> float:
@@ -258,7 +267,7 @@ class ModelSpec:
             # token. Approximation of fla's chunk_gated_delta_rule work.
             chunk = 64
             dk, dv = self.head_dim, self.head_dim * self.expand_v
-            return prompt * self.n_heads * (4.0 * chunk * (dk + dv) + 6.0 * dk * dv)
+            return prompt * self.gdn_v_heads * (4.0 * chunk * (dk + dv) + 6.0 * dk * dv)
         # Mamba2 SSD (chunk_size): intra-chunk C^T B and its product with x, plus the
         # inter-chunk state pass. Approximation of the SSD algorithm's work.
         chunk = self.chunk_size
