@@ -14,7 +14,7 @@ from phasewatt.measure.harness import MeasureSettings, measure
 
 
 def test_implements_the_gpu_protocol_on_wall_time():
-    gpu = open_gpu("null", "H100", index=3)
+    gpu = open_gpu("none", "H100", index=3)
     assert isinstance(gpu, NullGpu) and isinstance(gpu, Gpu)
     assert gpu.virtual_time is False
     assert gpu.name == "null (no power readings)" and gpu.driver == "none" and gpu.index == 3
@@ -41,7 +41,7 @@ def test_no_dvfs_control_but_default_and_restore_work(tmp_path):
     with dvfs_applied(gpu, parse_dvfs("default"), journal_dir=tmp_path, allowed=False) as effective:
         assert effective["effective_power_limit_w"] == 700.0
     for token in ("pl300", "sm1200"):
-        with pytest.raises(DvfsError, match="device null"):
+        with pytest.raises(DvfsError, match="device none"):
             with dvfs_applied(gpu, parse_dvfs(token), journal_dir=tmp_path, allowed=True):
                 pass
         assert not list(tmp_path.iterdir())  # restored and journal removed

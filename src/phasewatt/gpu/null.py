@@ -7,7 +7,7 @@ and every energy and power number is a placeholder that cannot be mistaken for a
 The EnergyMeter aligns each window to a change of the energy counter, so the counter must
 tick like NVML's: it advances by exactly 1 mJ every 100 ms of wall time. A window's energy
 is therefore 0.01 J per second (0.01 W), power readings are 0 W, clocks 0 MHz, temperature
-NaN; records from it say device "null" and simulated false.
+NaN; records from it say device "none" and simulated false.
 """
 
 from __future__ import annotations
@@ -97,10 +97,10 @@ class NullGpu:
     def set_power_limit_w(self, watts: float) -> None:
         # Setting the limit it already reads is a no-op (a restore does exactly that).
         if abs(float(watts) - self.power_limit_w()) > 1.0:
-            raise DvfsError(f"device null has no power limit to set ({watts} W asked); use dvfs: default")
+            raise DvfsError(f"device none has no power limit to set ({watts} W asked); use grid.dvfs: [default]")
 
     def lock_sm_clock_mhz(self, mhz: int) -> None:
-        raise DvfsError(f"device null has no SM clock to lock ({mhz} MHz asked); use dvfs: default")
+        raise DvfsError(f"device none has no SM clock to lock ({mhz} MHz asked); use grid.dvfs: [default]")
 
     def unlock_sm_clock(self) -> None:
         return None
