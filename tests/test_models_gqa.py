@@ -173,3 +173,20 @@ def test_loader_errors_name_the_problem(reference, tmp_path):
     extra = dict(tensors, **{"model.layers.0.self_attn.q_proj.bias": torch.zeros(HEADS * HEAD_DIM)})
     with pytest.raises(CheckpointError, match="no place for: model.layers.0.self_attn.q_proj.bias"):
         ours_for(name, path).load_hf_state_dict(extra)
+
+
+def test_both_decode_attentions_agree(reference):
+    name, _, path = reference
+    prompt = torch.randint(0, VOCAB, (BATCH, PROMPT), generator=torch.Generator().manual_seed(4))
+    logits = {}
+    for kind in ("sdpa", "matmul"):
+        model = ours_for(name, path)
+        model.set_decode_attention(kind)
+        assert model.decode_attention == kind
+        with torch.no_grad():
+            model.setup_caches(BATCH, PROMPT + 1)
+            model.prefill(prompt)
+            logits[kind] = model.decode(prompt[:, -1], torch.tensor([PROMPT]))
+    torch.testing.assert_close(logits["matmul"], logits["sdpa"], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="decode_attention"):
+        model.set_decode_attention("flash")

@@ -134,3 +134,17 @@ def test_bad_extra_keys_name_the_field():
         MLAModel(tiny_spec(True, {"rope_interleaved": "yes"}))
     with pytest.raises(ConfigError, match="scale_emb"):
         MLAModel(tiny_spec(True, {"scale_emb": "big"}))
+
+
+def test_both_decode_attentions_agree(reference):
+    name, _, path = reference
+    prompt = torch.randint(0, SHAPES["vocab_size"], (BATCH, PROMPT), generator=torch.Generator().manual_seed(4))
+    logits = {}
+    for kind in ("matmul", "sdpa"):
+        model = ours_for(name, path)
+        model.set_decode_attention(kind)
+        with torch.no_grad():
+            model.setup_caches(BATCH, PROMPT + 1)
+            model.prefill(prompt)
+            logits[kind] = model.decode(prompt[:, -1], torch.tensor([PROMPT]))
+    torch.testing.assert_close(logits["sdpa"], logits["matmul"], atol=1e-5, rtol=1e-5)

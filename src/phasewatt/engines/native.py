@@ -12,6 +12,7 @@ import time
 from contextlib import nullcontext
 
 from phasewatt.errors import ConfigError
+from phasewatt.models.decoder import DECODE_ATTENTION
 from phasewatt.models.loader import load_checkpoint
 from phasewatt.models.registry import build_model
 
@@ -20,6 +21,7 @@ DEFAULT_OPTIONS = {
     "compile": "auto",  # true | false | auto (= on CUDA, when the model can be compiled per layer)
     "compile_mode": "default",  # torch.compile mode, e.g. max-autotune-no-cudagraphs
     "warmup_steps": 3,  # eager decode steps before capture (the first one compiles)
+    "decode_attention": "auto",  # auto (the model's default) | sdpa | matmul (gqa and mla)
 }
 COMPILE_CHOICES = (True, False, "auto")
 
@@ -39,6 +41,10 @@ def resolve_options(options: dict | None) -> dict:
         raise ConfigError(f"engine_options.compile_mode: {resolved['compile_mode']!r} is not a torch.compile mode name")
     if not isinstance(resolved["warmup_steps"], int) or isinstance(resolved["warmup_steps"], bool) or resolved["warmup_steps"] < 1:
         raise ConfigError(f"engine_options.warmup_steps: {resolved['warmup_steps']!r}; allowed: an integer >= 1")
+    if resolved["decode_attention"] not in ("auto",) + DECODE_ATTENTION:
+        raise ConfigError(
+            f"engine_options.decode_attention: {resolved['decode_attention']!r}; allowed: auto, " + ", ".join(DECODE_ATTENTION)
+        )
     return resolved
 
 
@@ -83,6 +89,10 @@ class NativeEngine:
         if self.checkpoint:
             load_checkpoint(model, self.checkpoint)
         self.model = model.eval().requires_grad_(False)
+        if self.options["decode_attention"] != "auto":
+            if not hasattr(model, "set_decode_attention"):
+                raise ConfigError(f"engine_options.decode_attention: the {self.spec.arch} model has no choice of decode attention; use auto")
+            model.set_decode_attention(self.options["decode_attention"])
         gen = torch.Generator().manual_seed(self.seed)
         self.prompt = torch.randint(0, self.spec.vocab_size, (self.batch, self.prompt_len), generator=gen).to(self.device)
         with torch.no_grad():
@@ -105,6 +115,10 @@ class NativeEngine:
                     self._decode_fn = torch.compile(self.model.decode, mode=self.options["compile_mode"])
             times["compile_s"], times["warmup_s"] = self._warm_up()
             times["capture_s"] = self._capture() if self.use_graph else 0.0
+            if not getattr(self.model, "decode_restarts_at_prompt_end", False):
+                # Warm-up advanced a recurrent state (gdn, mamba2): start again after the prompt.
+                self.prefill()
+                self.synchronize()
         return times
 
     def _step(self) -> None:
@@ -159,7 +173,9 @@ class NativeEngine:
         return self.batch * self.prompt_len
 
     def decode(self, n_steps: int) -> int:
-        """n_steps greedy tokens per sequence, starting right after the prompt every time."""
+        """n_steps greedy tokens per sequence from the prompt's end: same positions and first
+        token every call. A recurrent state (gdn, mamba2) carries on from the previous call
+        instead of being restored; its step does the same work whatever the state holds."""
         import torch
 
         if not 1 <= n_steps <= self.decode_tokens:
@@ -195,6 +211,7 @@ class NativeEngine:
             "cuda_graph": self.use_graph,
             "compile": self.compile_how,
             "compile_mode": self.options["compile_mode"] if self.compile_how != "none" else None,
+            "decode_attention": getattr(self.model, "decode_attention", None),
             "cache_len": getattr(self.model, "cache_len", None),
             "checkpoint": str(self.checkpoint) if self.checkpoint else None,
         }

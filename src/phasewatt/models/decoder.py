@@ -17,6 +17,10 @@ from phasewatt.models.layers import RMSNorm, precompute_rope
 # fused attention kernels (masked tail positions cost a little extra reading, nothing else).
 CACHE_LEN_MULTIPLE = 64
 
+# How a decode step attends over the cache: one fused SDPA call, or two batched matrix
+# products around a float32 softmax (more thread blocks at batch 1, the cache read twice).
+DECODE_ATTENTION = ("sdpa", "matmul")
+
 # A prefill processes at most this many tokens at a time (whole sequences, at least one), which
 # bounds its activations; weights are re-read per chunk, which is negligible at this size.
 PREFILL_CHUNK_TOKENS = 32768
@@ -49,6 +53,10 @@ class DecoderModel(nn.Module):
     (a tuple of zeroed tensors), forward(h, delta, input_pos, cos, sin, mask, cache) (decode)
     and prefill(h, delta, cos, sin, cache, rows). Caches are arguments, not buffers, so that a
     compiled layer is shape-generic in batch and cache length."""
+
+    # Decode only writes cache positions after the prompt, so restarting a decode window needs
+    # no new prefill (the engine re-prefills models without this, e.g. recurrent ones).
+    decode_restarts_at_prompt_end = True
 
     def __init__(self, spec, device="cpu", dtype=torch.float32, *, rope_dim: int, embed_scale: float = 1.0, logit_divisor: float = 1.0):
         super().__init__()
@@ -122,6 +130,16 @@ class DecoderModel(nn.Module):
         for layer, cache in zip(self.layers, self.caches):
             h, delta = layer(h, delta, input_pos, self.rope_cos, self.rope_sin, mask, cache)
         return self.head(h, delta)
+
+    def set_decode_attention(self, kind: str) -> None:
+        if kind not in DECODE_ATTENTION:
+            raise ConfigError(f"decode_attention: {kind!r}; allowed: " + ", ".join(DECODE_ATTENTION))
+        for layer in self.layers:
+            layer.decode_attention = kind
+
+    @property
+    def decode_attention(self) -> str:
+        return self.layers[0].decode_attention
 
     def compile_decode(self, mode: str = "default", dynamic: bool | None = None, backend: str = "inductor") -> None:
         """torch.compile each layer and the head on their own (regional compilation): one

@@ -23,6 +23,7 @@ class GQALayer(nn.Module):
         super().__init__()
         d, self.n_heads, self.n_kv_heads, self.head_dim = spec.d_model, spec.n_heads, spec.n_kv_heads, spec.head_dim
         self.group = self.n_heads // self.n_kv_heads
+        self.decode_attention = GQAModel.default_decode_attention
         self.attn_norm = RMSNorm(d, spec.norm_eps, device=device, dtype=dtype)
         self.qkv = nn.Linear(d, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False, device=device, dtype=dtype)
         self.q_norm = RMSNorm(self.head_dim, spec.norm_eps, device=device, dtype=dtype) if spec.qk_norm else None
@@ -57,7 +58,11 @@ class GQALayer(nn.Module):
         k_cache[:, :, input_pos] = k.transpose(1, 2)
         v_cache[:, :, input_pos] = v.transpose(1, 2)
         q = q.view(b, self.n_kv_heads, self.group, self.head_dim)
-        out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask.view(1, 1, 1, -1))
+        if self.decode_attention == "sdpa":
+            out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask.view(1, 1, 1, -1))
+        else:
+            scores = torch.matmul(q, k_cache.transpose(2, 3)).float() * self.head_dim**-0.5 + mask
+            out = torch.matmul(torch.softmax(scores, dim=-1).to(q.dtype), v_cache)
         h = h + self.o(out.reshape(b, self.n_heads * self.head_dim))
         return h, self.mlp(self.mlp_norm(h))
 
@@ -77,6 +82,8 @@ class GQALayer(nn.Module):
 
 
 class GQAModel(DecoderModel):
+    default_decode_attention = "sdpa"
+
     def __init__(self, spec, device="cpu", dtype=torch.float32):
         if spec.n_heads % spec.n_kv_heads:
             raise ConfigError(f"models.{spec.name}.n_kv_heads: must divide n_heads ({spec.n_heads})")

@@ -38,6 +38,7 @@ class MLALayer(nn.Module):
         self.scale = (self.nope + self.rope) ** -0.5
         self.residual_scale = residual_scale
         self.rope_interleaved = rope_interleaved
+        self.decode_attention = MLAModel.default_decode_attention
         self.attn_norm = RMSNorm(d, spec.norm_eps, device=device, dtype=dtype)
         # q_a_proj and kv_a_proj_with_mqa fused: both read the same normed input.
         self.a_proj = nn.Linear(d, self.q_lora + self.kv_lora + self.rope, bias=False, device=device, dtype=dtype)
@@ -80,9 +81,16 @@ class MLALayer(nn.Module):
         w_uk, w_uv = self._up_weights()
         q_lat = torch.einsum("bhn,hnc->bhc", q_nope.view(b, self.n_heads, self.nope), w_uk)
         query = torch.cat([q_lat, q_pe.view(b, self.n_heads, self.rope)], dim=-1)  # [B, H, kv_lora + rope]
-        scores = torch.bmm(query, latent.transpose(1, 2)).float() * self.scale + mask
-        probs = torch.softmax(scores, dim=-1).to(h.dtype)  # [B, H, L]
-        out_lat = torch.bmm(probs, latent[:, :, : self.kv_lora])  # [B, H, kv_lora]
+        if self.decode_attention == "sdpa":
+            # One shared key head; the H query heads take the query-length axis.
+            out_lat = F.scaled_dot_product_attention(
+                query.unsqueeze(1), latent.unsqueeze(1), latent[:, :, : self.kv_lora].unsqueeze(1),
+                attn_mask=mask.view(1, 1, 1, -1), scale=self.scale,
+            ).squeeze(1)
+        else:
+            scores = torch.bmm(query, latent.transpose(1, 2)).float() * self.scale + mask
+            probs = torch.softmax(scores, dim=-1).to(h.dtype)  # [B, H, L]
+            out_lat = torch.bmm(probs, latent[:, :, : self.kv_lora])  # [B, H, kv_lora]
         out = torch.einsum("bhc,hvc->bhv", out_lat, w_uv).reshape(b, self.n_heads * self.v_dim)
         h = h + self.o(out) * self.residual_scale
         return h, self.mlp(self.mlp_norm(h)) * self.residual_scale
@@ -108,6 +116,8 @@ class MLALayer(nn.Module):
 
 
 class MLAModel(DecoderModel):
+    default_decode_attention = "matmul"
+
     def __init__(self, spec, device="cpu", dtype=torch.float32):
         scale_depth = spec.extra.get("scale_depth")
         residual_scale = spec_extra(spec, "scale_depth", 1.0) / math.sqrt(spec.n_layers) if scale_depth is not None else 1.0
