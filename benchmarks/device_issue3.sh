@@ -36,7 +36,7 @@ python3 benchmarks/sampler_overhead.py --out "$res/sampler_overhead.json" 2>&1 |
 
 step "pipeline: benchmarks/microbench.yaml (device nvml, engine microbench, dvfs default)"
 if ! python3 -c "import jsonschema" 2>/dev/null; then
-    echo "jsonschema is missing: carry its wheels in .whl/ (see benchmarks/RESULTS.md)" | tee -a "$res/summary.log"
+    echo "jsonschema is missing: carry the wheels of jsonschema, jsonschema-specifications, referencing and rpds-py in .whl/" | tee -a "$res/summary.log"
     status=1
 else
     if [ "${RUNNER:-auto}" != run-one ] && python3 -c "import snakemake" 2>/dev/null && [ -f Snakefile ]; then

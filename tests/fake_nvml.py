@@ -250,6 +250,12 @@ class FakeNvml:
         def nvmlDeviceGetTemperature(handle, sensor):
             return fake._dev(handle)["temperature"]
 
+        def nvmlDeviceGetTemperatureV(handle, sensor, version=None):
+            device = fake._dev(handle)
+            if "temperature_v" in device["unsupported"]:
+                fake._raise(_real.NVML_ERROR_FUNCTION_NOT_FOUND)
+            return device["temperature"]
+
         def nvmlDeviceGetCurrentClocksEventReasons(handle):
             device = fake._dev(handle)
             if "clocks_event_reasons" in device["unsupported"]:

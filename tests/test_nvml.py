@@ -49,7 +49,7 @@ def test_sensor_units_and_the_counter_integrating_power(fake):
     assert 90 < joules_per_s < 170  # ~129 W, quantised to 100 ms updates
     sample = gpu.sample()
     assert sample.energy_mj >= e1 and sample.sm_clock_mhz == 1980 and sample.clocks_event_reasons == 0x1
-    assert gpu.instant_power_source.startswith("field")
+    assert gpu.instant_power_source.startswith("field") and gpu.temperature_source == "nvmlDeviceGetTemperatureV"
     gpu.close()
 
 
@@ -71,16 +71,17 @@ def test_clocks_event_reasons_are_decoded_with_unknown_bits_kept(fake):
 
 
 @pytest.mark.parametrize("how", ["function_not_found", "old_bindings"])
-def test_clocks_event_reasons_fall_back_to_the_throttle_reasons_getter(monkeypatch, how):
-    if how == "function_not_found":  # driver older than the new name
+def test_older_drivers_and_bindings_fall_back_to_the_deprecated_getters(monkeypatch, how):
+    if how == "function_not_found":  # driver older than the new names
         fake = fake_nvml.install(monkeypatch)
-        fake.update_device(unsupported=["clocks_event_reasons"], reasons=0x20)
-    else:  # nvidia-ml-py older than the new name
-        fake = fake_nvml.install(monkeypatch, drop=("nvmlDeviceGetCurrentClocksEventReasons",))
-        fake.update_device(reasons=0x20)
+        fake.update_device(unsupported=["clocks_event_reasons", "temperature_v"], reasons=0x20, temperature=51)
+    else:  # nvidia-ml-py older than the new names
+        fake = fake_nvml.install(monkeypatch, drop=("nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetTemperatureV"))
+        fake.update_device(reasons=0x20, temperature=51)
     gpu = open_gpu()
     assert gpu.reasons_source == "nvmlDeviceGetCurrentClocksThrottleReasons"
-    assert decode_reasons(gpu.clocks_event_reasons()) == ["sw_thermal_slowdown"]
+    assert gpu.temperature_source == "nvmlDeviceGetTemperature"
+    assert decode_reasons(gpu.clocks_event_reasons()) == ["sw_thermal_slowdown"] and gpu.temperature_c() == 51.0
     gpu.close()
 
 

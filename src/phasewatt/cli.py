@@ -62,7 +62,7 @@ def _format_probe(facts: dict, rate: dict, permitted: bool, why: str) -> list[st
         f"dvfs control: {'permitted' if permitted else 'not permitted'} ({why}); "
         "phasewatt changes settings only with dvfs_control: true",
     ]
-    for key in ("instant_power_source", "reasons_source"):
+    for key in ("instant_power_source", "reasons_source", "temperature_source"):
         if key in facts:
             lines.append(f"{key.replace('_', ' ')}: {facts[key]}")
     lines += [f"unavailable: {item}" for item in facts["unavailable"]]

@@ -8,7 +8,8 @@ What each reading is (NVML API reference; units converted to W, MHz, ns here):
   nvmlDeviceGetPowerUsage is used, which is the instantaneous value on those boards.
 - power_average_w: nvmlDeviceGetPowerUsage, a 1-s average on Ampere (but GA100) and newer.
 - clocks_event_reasons: nvmlDeviceGetCurrentClocksEventReasons, or its older name
-  nvmlDeviceGetCurrentClocksThrottleReasons on drivers and bindings that lack the new one.
+  nvmlDeviceGetCurrentClocksThrottleReasons on drivers and bindings that lack the new one;
+  temperature likewise nvmlDeviceGetTemperatureV, else the deprecated nvmlDeviceGetTemperature.
 - violation_ns: nvmlDeviceGetViolationStatus(NVML_PERF_POLICY_POWER / _THERMAL).violationTime,
   ns of throttling accumulated since the driver was loaded (a policy the board does not
   report is left out).
@@ -107,11 +108,13 @@ class NvmlGpu:
         self.instant_power_source = "field NVML_FI_DEV_POWER_INSTANT"
         if self._instant_field_mw() is None:
             self.instant_power_source = "nvmlDeviceGetPowerUsage (no instant-power field on this GPU/driver)"
-        self._reasons = getattr(nvml, "nvmlDeviceGetCurrentClocksEventReasons", None)
-        self.reasons_source = "nvmlDeviceGetCurrentClocksEventReasons"
-        if self._reasons is None or not self._call_reasons_ok(self._reasons):
-            self._reasons = nvml.nvmlDeviceGetCurrentClocksThrottleReasons
-            self.reasons_source = "nvmlDeviceGetCurrentClocksThrottleReasons"
+        self.reasons_source, self._reasons = self._newest_answering(
+            ("nvmlDeviceGetCurrentClocksEventReasons", ()), ("nvmlDeviceGetCurrentClocksThrottleReasons", ())
+        )
+        sensor = nvml.NVML_TEMPERATURE_GPU
+        self.temperature_source, self._temperature = self._newest_answering(
+            ("nvmlDeviceGetTemperatureV", (sensor,)), ("nvmlDeviceGetTemperature", (sensor,))
+        )
         self._policies = {}
         for name, policy in (("power", nvml.NVML_PERF_POLICY_POWER), ("thermal", nvml.NVML_PERF_POLICY_THERMAL)):
             try:
@@ -122,12 +125,21 @@ class NvmlGpu:
         self._locked: int | None = None
         self._sm_clocks: list[int] | None = None
 
-    def _call_reasons_ok(self, function) -> bool:
-        try:
-            function(self._handle)
-            return True
-        except self._nvml.NVMLError:
-            return False
+    def _newest_answering(self, *candidates):
+        """(name, function) of the first getter, newest first, that this binding has and this
+        driver answers (deprecated getters are the fallback); the last one otherwise, so
+        that its error surfaces where it is read."""
+        for name, args in candidates:
+            function = getattr(self._nvml, name, None)
+            if function is None:
+                continue
+            try:
+                function(self._handle, *args)
+            except self._nvml.NVMLError:
+                continue
+            return name, function
+        name = candidates[-1][0]
+        return name, getattr(self._nvml, name)
 
     def _instant_field_mw(self) -> float | None:
         nvml = self._nvml
@@ -174,7 +186,7 @@ class NvmlGpu:
         return int(self._query("the memory clock", self._nvml.nvmlDeviceGetClockInfo, self._nvml.NVML_CLOCK_MEM))
 
     def temperature_c(self) -> float:
-        return float(self._query("the temperature", self._nvml.nvmlDeviceGetTemperature, self._nvml.NVML_TEMPERATURE_GPU))
+        return float(self._query("the temperature", self._temperature, self._nvml.NVML_TEMPERATURE_GPU))
 
     def clocks_event_reasons(self) -> int:
         return int(self._query("the clocks-event reasons", self._reasons))

@@ -100,7 +100,7 @@ def gpu_facts(gpu) -> dict:
         facts["mem_clocks_mhz"] = read("mem_clocks", gpu.supported_mem_clocks_mhz)
     if hasattr(gpu, "enforced_power_limit_w"):
         facts["enforced_power_limit_w"] = read("enforced_power_limit", gpu.enforced_power_limit_w)
-    for key in ("instant_power_source", "reasons_source"):
+    for key in ("instant_power_source", "reasons_source", "temperature_source"):
         if hasattr(gpu, key):
             facts[key] = getattr(gpu, key)
     facts["unavailable"] = unavailable
