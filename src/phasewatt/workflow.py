@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 from phasewatt.config import Job
-from phasewatt.errors import ConfigError
-from phasewatt.gpu.dvfs import OPT_IN_HINT
+from phasewatt.gpu.dvfs import check_dvfs_opt_in
 from phasewatt.gpu.select import resolve_device, resolve_engine
 
 
@@ -22,12 +21,7 @@ def preflight(config: dict) -> str:
         from phasewatt.engines.vllm import check_vllm_available
 
         check_vllm_available()
-    non_default = [token for token in config["grid"]["dvfs"] if token != "default"]
-    if device == "nvml" and non_default and not config.get("dvfs_control", False):
-        raise ConfigError(
-            f"grid.dvfs: {', '.join(non_default)} change a real GPU's settings but dvfs_control is false; "
-            + OPT_IN_HINT
-        )
+    check_dvfs_opt_in(config, device)
     return device
 
 

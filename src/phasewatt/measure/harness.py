@@ -66,19 +66,31 @@ def measure(engine, gpu, settings: MeasureSettings, requested_sm_clock_mhz: int 
         prefill_repeats = repeats_for(min(prefill_s), settings.min_window_s)
         decode_repeats = repeats_for(min(decode_s), settings.min_window_s)
         repetitions = []
+        short_windows = {"prefill": 0, "decode": 0}
+        repeats = {"prefill": prefill_repeats, "decode": decode_repeats}
+        actions = {"prefill": engine.prefill, "decode": lambda: engine.decode(n)}
+
+        def window(phase):
+            """One window of `phase`, repeated until it lasts min_window_s: the warm-up
+            timing only sizes it; a window that still comes out short is measured again
+            with more repeats (and counted), never kept."""
+            while True:
+                meter.begin_window(phase)
+                tokens = 0
+                for _ in range(repeats[phase]):
+                    tokens = actions[phase]()
+                engine.synchronize()
+                result = meter.end_window(phase, repeats=repeats[phase], tokens=tokens)
+                if result.window_s >= settings.min_window_s:
+                    return result
+                short_windows[phase] += 1
+                grow = settings.min_window_s / max(result.window_s, 1e-9)
+                repeats[phase] = max(repeats[phase] + 1, math.ceil(repeats[phase] * grow * 1.1))
+
         for rep in range(settings.repetitions):
-            meter.begin_window("prefill")
-            tokens = 0
-            for _ in range(prefill_repeats):
-                tokens = engine.prefill()
-            engine.synchronize()
-            prefill = meter.end_window("prefill", repeats=prefill_repeats, tokens=tokens)
+            prefill = window("prefill")
             # The decode window continues from the cache of the last prefill.
-            meter.begin_window("decode")
-            for _ in range(decode_repeats):
-                tokens = engine.decode(n)
-            engine.synchronize()
-            decode = meter.end_window("decode", repeats=decode_repeats, tokens=tokens)
+            decode = window("decode")
             repetitions.append(
                 {"repetition": rep, "prefill": prefill.as_record(t_origin), "decode": decode.as_record(t_origin)}
             )
@@ -86,14 +98,11 @@ def measure(engine, gpu, settings: MeasureSettings, requested_sm_clock_mhz: int 
     return {
         "idle": idle,
         "warmup": {"prefill_s": prefill_s, "decode_s": decode_s},
-        "prefill_repeats": prefill_repeats,
-        "decode_repeats": decode_repeats,
+        "prefill_repeats": repeats["prefill"],
+        "decode_repeats": repeats["decode"],
+        "short_windows_remeasured": short_windows,
         "repetitions": repetitions,
         "duration_s": t_stop - t_origin,
-        "sampler": {
-            "interval_s": settings.sample_interval_s,
-            "samples": len(sampler.samples),
-            "read_seconds": sampler.read_seconds,
-        },
+        "sampler": sampler.stats(),
         "trace": sampler.frame(t_origin),
     }

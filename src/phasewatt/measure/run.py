@@ -64,6 +64,7 @@ def run_job(config: dict, job: Job, record_path, trace_path, journal_dir, gpu=No
     """Measure one job and write its record and trace. Returns the record."""
     device = "sim" if gpu is not None and gpu.virtual_time else resolve_device(config["device"])
     engine_name = resolve_engine(config["engine"], device)
+    started = time.perf_counter()
     own_gpu = gpu is None
     gpu = gpu or open_gpu(device, config["gpu"], seed=zlib.crc32(job.run_id.encode()) ^ int(config["seed"]))
     try:
@@ -111,7 +112,7 @@ def run_job(config: dict, job: Job, record_path, trace_path, journal_dir, gpu=No
             trace = body.pop("trace")
             record.update(status="ok", **body)
         record["trace_file"] = os.path.basename(str(trace_path))
-        record["wall_s"] = time.perf_counter()
+        record["wall_s"] = time.perf_counter() - started
         write_parquet(trace_path, trace)
         write_json(record_path, record)
         return record
