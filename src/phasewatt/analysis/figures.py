@@ -68,16 +68,36 @@ def _finish(fig, frame, title: str, handles=None, ncols=None):
     return fig
 
 
-def _compact_settings(tokens) -> str:
-    """pl500, pl600, pl700 -> pl500/600/700; different kinds joined by a comma."""
-    tokens = list(tokens)
+def _compact_settings(tokens, grid_tokens=()) -> str:
+    """One label for settings whose points coincide: pl500, pl600 -> pl500/600, and a run of
+    three or more that leaves out no setting of the grid between its ends -> pl400-700.
+    Different kinds go on lines of their own when the label would be long."""
+    def split(token):
+        if token[:2] in ("pl", "sm") and token[2:].isdigit():
+            return token[:2], int(token[2:])
+        return token, None
+
+    grid = {}
+    for token in grid_tokens:
+        prefix, value = split(token)
+        if value is not None:
+            grid.setdefault(prefix, set()).add(value)
     parts, by_prefix = [], {}
     for token in tokens:
-        prefix = token[:2] if token[:2] in ("pl", "sm") and token[2:].isdigit() else token
-        by_prefix.setdefault(prefix, []).append(token[2:] if prefix != token else token)
+        prefix, value = split(token)
+        by_prefix.setdefault(prefix, []).append(value)
     for prefix, values in by_prefix.items():
-        parts.append(values[0] if prefix == values[0] else prefix + "/".join(values))
-    return ", ".join(parts)
+        if values == [None]:
+            parts.append(prefix)
+            continue
+        values = sorted(v for v in values if v is not None)
+        between = sorted(v for v in grid.get(prefix, set()) | set(values) if values[0] <= v <= values[-1])
+        if len(values) >= 3 and between == values:
+            parts.append(f"{prefix}{values[0]}\u2013{values[-1]}")
+        else:
+            parts.append(prefix + "/".join(str(v) for v in values))
+    one_line = ", ".join(parts)
+    return one_line if len(one_line) <= 14 else ",\n".join(parts)
 
 
 def _log2_ticks(ax, values) -> None:
@@ -130,7 +150,9 @@ def plot_pareto(measurements, model: str, out_pdf, *, label_points: bool = True)
                            facecolors=np.where(on_front, color, "white").tolist(), edgecolors=color, linewidths=0.9,
                            zorder=3)
             ax.set_title(f"batch {batch}, prompt {seqlen}")
-            ax.margins(x=0.25, y=0.2)
+            ax.margins(x=0.2, y=0.15)
+            left, right = ax.get_xlim()
+            ax.set_xlim(left, right + 0.25 * (right - left))  # room for labels right of the fastest settings
     fig.supxlabel("decode throughput (tokens/s)", fontsize=8)
     fig.supylabel("decode energy (mJ/token)", fontsize=8)
     handles = [
@@ -147,9 +169,10 @@ def plot_pareto(measurements, model: str, out_pdf, *, label_points: bool = True)
         for r, seqlen in enumerate(seqlens):
             for c, batch in enumerate(batches):
                 panel = points[(points["batch"] == batch) & (points["seqlen"] == seqlen)]
+                grid_tokens = panel["dvfs"].tolist()
                 style.place_point_labels(
                     axes[r][c], panel["tokens_per_s"].to_numpy(), panel["energy_mj_per_token"].to_numpy(),
-                    panel["dvfs"].tolist(), join=_compact_settings,
+                    grid_tokens, join=lambda tokens, grid=grid_tokens: _compact_settings(tokens, grid),
                 )
     style.save_figure(fig, out_pdf)
     return fig
@@ -246,8 +269,9 @@ def plot_power_vs_cap(measurements, out_pdf, *, gpu: str | None = None, models=N
         ax.set_title(model)
         ax.set_xlim(*span)
         ax.set_ylim(0, span[1])
-        ax.set_xticks(cap_values)
-        ax.set_xticklabels([f"{c:.0f}" for c in cap_values], rotation=45)
+        ticks = sorted(set(cap_values) | {float(spec.tdp_w)})
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{c:.0f}" for c in ticks], rotation=45)
     fig.supxlabel("power cap (W)", fontsize=8)
     axes[0][0].set_ylabel("decode power, window mean (W)")
     handles = [Line2D([], [], ls="", marker="o", color=colors[b], label=f"batch {b}") for b in batches]
@@ -408,7 +432,10 @@ def plot_timeline(record_path, out_pdf, *, gpu: str | None = None):
     """One run's power trace (instant and 1-s average), its prefill and decode windows, the
     power limit, the SM clock and the clock-event reasons over time."""
     run = timeline.load_run(record_path)
-    spec = gpu_spec(gpu or run.record.get("gpu_spec") or "H200")
+    key = gpu or run.record.get("gpu_spec")
+    if not key:
+        raise FigureError(f"gpu: not given and record {record_path} names no gpu_spec; allowed: a key of gpu/specs.yaml")
+    spec = gpu_spec(key)
     trace = run.trace
     fig, axes = style.new_figure(style.PAGE_WIDTH_IN, 4.4, 3, 1, sharex=True,
                                  gridspec_kw={"height_ratios": [3.0, 1.6, max(0.35 * len(run.reasons), 0.5)]})

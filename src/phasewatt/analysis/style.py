@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
+from matplotlib.collections import PathCollection  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 from matplotlib.transforms import Bbox  # noqa: E402
@@ -163,9 +164,10 @@ def freeze_layout(fig) -> None:
 
 def place_point_labels(ax, xs, ys, labels, *, color="#333333", fontsize=6.0, merge_px=4.0, obstacle_px=4.0,
                        join=", ".join, avoid_lines=True) -> int:
-    """Label points without any label covering another label, a marker or the legend, or
-    leaving the axes. Points closer than merge_px share one label (join of their labels). Each label tries
-    positions around its point at growing distances; one that fits nowhere is left out.
+    """Label points without any label covering another label, a marker (of any scatter in
+    the axes, at its drawn size) or the legend, or leaving the axes. Points closer than
+    merge_px share one label (join of their labels). Each label tries positions around its
+    point at growing distances; one that fits nowhere is left out.
     With avoid_lines, the axes' lines are obstacles too. Call after the layout is frozen
     (freeze_layout). Returns how many labels were left out."""
     fig = ax.figure
@@ -181,43 +183,57 @@ def place_point_labels(ax, xs, ys, labels, *, color="#333333", fontsize=6.0, mer
         else:
             groups.append([i])
     axes_box = ax.get_window_extent(renderer)
-    occupied = [Bbox.from_extents(px - obstacle_px, py - obstacle_px, px + obstacle_px, py + obstacle_px) for px, py in points]
+    boxes = [Bbox.from_extents(px - obstacle_px, py - obstacle_px, px + obstacle_px, py + obstacle_px) for px, py in points]
     legend = ax.get_legend()
     if legend is not None:
-        occupied.append(legend.get_window_extent(renderer))
-    occupied += [t.get_window_extent(renderer) for t in ax.texts if t.get_text()]
+        boxes.append(legend.get_window_extent(renderer))
+    boxes += [t.get_window_extent(renderer) for t in ax.texts if t.get_text()]
+    boxes += _marker_boxes(ax)
     if avoid_lines:
         for line in ax.get_lines():
-            occupied += _line_boxes(line, half_px=1.0)
-    offsets = []
-    for radius in (3.0, 7.0, 12.0, 18.0):
-        for dx, dy in ((1, 0), (-1, 0), (1, 1), (-1, 1), (1, -1), (-1, -1), (0, 1), (0, -1)):
-            offsets.append((dx * radius, dy * radius))
+            boxes += _line_boxes(line, half_px=1.0)
+    occupied = np.array([[b.x0, b.y0, b.x1, b.y1] for b in boxes]).reshape(-1, 4)
+    px_per_pt = fig.dpi / 72.0
+    directions = [(1, 0), (-1, 0), (1, 1), (-1, 1), (1, -1), (-1, -1), (0, 1), (0, -1),
+                  (1, 0.5), (-1, 0.5), (1, -0.5), (-1, -0.5), (0.5, 1), (-0.5, 1), (0.5, -1), (-0.5, -1)]
+    offsets = [(dx * r, dy * r) for r in (4.5, 8.0, 12.0, 18.0, 26.0, 36.0) for dx, dy in directions[: 8 if r < 12 else 16]]
+    anchors = np.array([points[group[0]] for group in groups]).reshape(-1, 2)
     skipped = 0
-    for group in groups:
+    for k, group in enumerate(groups):
         text = join(list(dict.fromkeys(str(labels[i]) for i in group)))
-        x, y = xs[group[0]], ys[group[0]]
-        placed = False
-        for dx, dy in offsets:
-            ha = "left" if dx > 0 else "right" if dx < 0 else "center"
-            va = "bottom" if dy > 0 else "top" if dy < 0 else "center"
-            far = max(abs(dx), abs(dy)) > 7.0
-            note = ax.annotate(
-                text, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va, fontsize=fontsize,
-                color=color, annotation_clip=False,
-                arrowprops={"arrowstyle": "-", "color": color, "lw": 0.5, "shrinkA": 0, "shrinkB": 2} if far else None,
-            )
-            box = note.get_window_extent(renderer)
-            inside = (
-                box.x0 >= axes_box.x0 + 1 and box.x1 <= axes_box.x1 - 1
-                and box.y0 >= axes_box.y0 + 1 and box.y1 <= axes_box.y1 - 1
-            )
-            if inside and not any(box.overlaps(other) for other in occupied):
-                occupied.append(box)
-                placed = True
+        size = _text_size(ax, renderer, text, fontsize)
+        others = np.delete(anchors, k, axis=0)
+        placed = None
+        # First only where the label is nearer its own point than any other (unambiguous),
+        # then anywhere free, with its leader line to say which point it names.
+        for strict in (True, False):
+            for dx, dy in offsets:
+                ha, va = _alignment(dx, dy)
+                box = _box_at(anchors[k] + np.array([dx, dy]) * px_per_pt, size, ha, va)
+                if not _fits(box, axes_box, occupied):
+                    continue
+                if strict and not _nearest_is_own(box, anchors[k], others):
+                    continue
+                note = ax.annotate(
+                    text, (xs[group[0]], ys[group[0]]), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va,
+                    fontsize=fontsize, color=color, annotation_clip=False,
+                    arrowprops=(
+                        {"arrowstyle": "-", "color": color, "lw": 0.6, "shrinkA": 0, "shrinkB": 3}
+                        if max(abs(dx), abs(dy)) > 8.0 else None
+                    ),
+                )
+                drawn = note.get_window_extent(renderer)
+                drawn = np.array([drawn.x0, drawn.y0, drawn.x1, drawn.y1])
+                if _fits(drawn, axes_box, occupied):
+                    placed = drawn
+                    break
+                note.remove()
+            if placed is not None:
                 break
-            note.remove()
-        skipped += not placed
+        if placed is None:
+            skipped += 1
+        else:
+            occupied = np.vstack([occupied, placed])
     return skipped
 
 
@@ -236,6 +252,72 @@ def _drawn_texts(fig):
     return out
 
 
+def _alignment(dx: float, dy: float) -> tuple[str, str]:
+    """Text alignment that puts a label on the far side of its offset from the point."""
+    ha = "left" if dx > 0 else "right" if dx < 0 else "center"
+    va = "bottom" if dy > 0 else "top" if dy < 0 else "center"
+    if abs(dx) < abs(dy):
+        ha = "center"
+    elif abs(dy) < abs(dx) and dy != 0:
+        va = "center"
+    return ha, va
+
+
+def _text_size(ax, renderer, text: str, fontsize: float) -> tuple[float, float]:
+    probe = ax.text(0, 0, text, fontsize=fontsize)
+    box = probe.get_window_extent(renderer)
+    probe.remove()
+    return box.width, box.height
+
+
+def _box_at(anchor, size, ha: str, va: str) -> np.ndarray:
+    """(x0, y0, x1, y1) of a text of size (w, h) aligned (ha, va) at anchor, in pixels."""
+    w, h = size
+    x0 = anchor[0] - {"left": 0.0, "center": w / 2, "right": w}[ha]
+    y0 = anchor[1] - {"bottom": 0.0, "center": h / 2, "top": h}[va]
+    return np.array([x0, y0, x0 + w, y0 + h])
+
+
+def _fits(box, axes_box, occupied) -> bool:
+    """Inside the axes (1 px in) and overlapping none of the occupied boxes."""
+    x0, y0, x1, y1 = box
+    if x0 < axes_box.x0 + 1 or x1 > axes_box.x1 - 1 or y0 < axes_box.y0 + 1 or y1 > axes_box.y1 - 1:
+        return False
+    hits = (x0 < occupied[:, 2]) & (x1 > occupied[:, 0]) & (y0 < occupied[:, 3]) & (y1 > occupied[:, 1])
+    return not bool(hits.any())
+
+
+def _nearest_is_own(box, own, others) -> bool:
+    """The label's box is nearer its own point than any other point (by at least 1 px)."""
+    def distance(points):
+        points = np.atleast_2d(points)
+        dx = np.maximum.reduce([box[0] - points[:, 0], np.zeros(len(points)), points[:, 0] - box[2]])
+        dy = np.maximum.reduce([box[1] - points[:, 1], np.zeros(len(points)), points[:, 1] - box[3]])
+        return np.hypot(dx, dy)
+
+    if len(others) == 0:
+        return True
+    return bool(np.all(distance(others) > distance(own)[0] + 1.0))
+
+
+def _marker_boxes(ax) -> list:
+    """The box of every scatter marker of the axes at its drawn size, in display pixels."""
+    boxes = []
+    px_per_pt = ax.figure.dpi / 72.0
+    for collection in ax.collections:
+        if not isinstance(collection, PathCollection):
+            continue
+        offsets = collection.get_offset_transform().transform(collection.get_offsets())
+        sizes = collection.get_sizes()
+        for k, (x, y) in enumerate(offsets):
+            if not (np.isfinite(x) and np.isfinite(y)):
+                continue
+            size = sizes[k % len(sizes)] if len(sizes) else 36.0
+            half = 0.5 * np.sqrt(size) * px_per_pt + 1.0
+            boxes.append(Bbox.from_extents(x - half, y - half, x + half, y + half))
+    return boxes
+
+
 def _line_boxes(line, half_px: float, step_px: float = 2.0) -> list:
     """Small boxes every step_px along a drawn line, in display pixels."""
     xy = line.get_transform().transform(np.column_stack(line.get_data()).astype(float))
@@ -249,29 +331,24 @@ def _line_boxes(line, half_px: float, step_px: float = 2.0) -> list:
     return boxes
 
 
-def text_overlaps(fig, tolerance_px: float = 0.5) -> list[tuple[str, str]]:
-    """Pairs of drawn texts of the figure whose boxes overlap (for tests: a readable figure
-    has none). Works on a figure already saved and closed."""
-    boxes = [
-        (text, Bbox.from_extents(b.x0 + tolerance_px, b.y0 + tolerance_px, b.x1 - tolerance_px, b.y1 - tolerance_px))
-        for text, b in _drawn_texts(fig)
-    ]
-    pairs = []
-    for i in range(len(boxes)):
-        for j in range(i + 1, len(boxes)):
-            if boxes[i][1].overlaps(boxes[j][1]):
-                pairs.append((boxes[i][0], boxes[j][0]))
-    return pairs
-
-
-def texts_outside(fig, tolerance_px: float = 0.5) -> list[str]:
-    """Drawn texts that the edge of the figure cuts."""
+def text_problems(fig, tolerance_px: float = 0.5) -> tuple[list[tuple[str, str]], list[str]]:
+    """(pairs of drawn texts whose boxes overlap, texts the figure's edge cuts): a readable
+    figure has neither. Works on a figure already saved and closed (tests use it)."""
+    texts = _drawn_texts(fig)
     frame = fig.bbox
-    return [
-        text for text, b in _drawn_texts(fig)
+    outside = [
+        text for text, b in texts
         if b.x0 < frame.x0 - tolerance_px or b.x1 > frame.x1 + tolerance_px
         or b.y0 < frame.y0 - tolerance_px or b.y1 > frame.y1 + tolerance_px
     ]
+    boxes = np.array([[b.x0, b.y0, b.x1, b.y1] for _, b in texts]).reshape(-1, 4)
+    boxes += np.array([tolerance_px, tolerance_px, -tolerance_px, -tolerance_px])
+    overlaps = []
+    for i in range(len(boxes)):
+        rest = boxes[i + 1 :]
+        hits = (boxes[i, 0] < rest[:, 2]) & (boxes[i, 2] > rest[:, 0]) & (boxes[i, 1] < rest[:, 3]) & (boxes[i, 3] > rest[:, 1])
+        overlaps += [(texts[i][0], texts[i + 1 + j][0]) for j in np.flatnonzero(hits)]
+    return overlaps, outside
 
 
 def _undrawn_tick_labels(fig) -> set:
