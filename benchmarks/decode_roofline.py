@@ -81,7 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--variants", default="compile", help="run at every configuration")
     p.add_argument("--compare", default="graph,eager,compile+matmul,compile+sdpa", help="run only at the compare points")
     p.add_argument("--compare-batches", default="1")
-    p.add_argument("--compare-prompts", default="512")
+    p.add_argument("--compare-prompts", default="512,2048")
     p.add_argument("--decode-tokens", type=int, default=None, help="cache room for decode (default: config.yaml decode_tokens)")
     p.add_argument("--decode-steps", type=int, default=64, help="steps per timed decode window (eager: 8)")
     p.add_argument("--budget-s", type=float, default=450.0, help="start no configuration after this many seconds")
