@@ -45,7 +45,14 @@ python3 -c "import snakemake_executor_plugin_slurm" 2>/dev/null || {
     exit 1
 }
 
+if [ -e /etc/slurm/slurm.conf ] || [ -L /etc/slurm/slurm.conf ]; then
+    echo "slurm.sh: /etc/slurm/slurm.conf exists: this host has a Slurm of its own; run this on a machine without one" >&2
+    exit 1
+fi
+mkdir -p /etc/slurm
+
 tmp=$(mktemp -d /tmp/phasewatt-slurm.XXXXXX)
+linked_conf=0
 pids=()
 names=()
 cleanup() {
@@ -67,6 +74,7 @@ cleanup() {
             [ -f "$log" ] && { echo "--- $log (last lines)"; tail -n 15 "$log"; }
         done
     fi
+    [ "$linked_conf" -eq 1 ] && rm -f /etc/slurm/slurm.conf
     rm -rf "$tmp"
     echo "slurm.sh: done in $(( $(date +%s) - start )) s (exit $status); all daemons stopped"
     exit "$status"
@@ -191,6 +199,10 @@ cat >"$tmp/gres.conf" <<EOF
 NodeName=$host Name=gpu File=$gpu_files
 EOF
 export SLURM_CONF=$tmp/slurm.conf
+# The Slurm jobstep plugin drops SLURM_* variables, SLURM_CONF included, before its srun
+# inside the job; that srun then finds the cluster through the default path, for this run.
+ln -s "$SLURM_CONF" /etc/slurm/slurm.conf
+linked_conf=1
 
 # slurmdbd reads slurmdbd.conf from the folder of $SLURM_CONF.
 launch slurmdbd slurmdbd -D

@@ -24,6 +24,7 @@ pytestmark = [
     ),
 ]
 
+NODE_GPUS = 2  # generic-resource GPUs .ci/slurm.sh declares on its node
 SACCT_FIELDS = ["JobIDRaw", "State", "Comment", "AllocCPUS", "AllocTRES"]
 
 
@@ -65,7 +66,7 @@ def test_gpu_job_gets_a_gpu_from_slurm_and_is_accounted(tmp_path):
     assert out.read_text().strip() in {"0", "1"}
     rows = _finished_rows("-j", jobid, expect=1)
     assert [row["State"] for row in rows] == ["COMPLETED"]
-    assert "gres/gpu=1" in rows[0]["AllocTRES"]
+    assert "gres/gpu=1" in rows[0]["AllocTRES"].split(","), rows
 
 
 def _tiny_config() -> dict:
@@ -99,6 +100,12 @@ def _snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
 
 
+def _slurm_job_logs(workdir: Path) -> str:
+    """The ends of the Slurm jobs' own logs (kept only for failed jobs), for a failure message."""
+    logs = sorted((workdir / ".snakemake" / "slurm_logs").rglob("*.log"))
+    return "".join(f"\n--- {log}\n" + "\n".join(log.read_text().splitlines()[-15:]) for log in logs)
+
+
 def test_measure_jobs_run_as_slurm_jobs_and_figures_are_made(tmp_path):
     config = _tiny_config()
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
@@ -106,7 +113,7 @@ def test_measure_jobs_run_as_slurm_jobs_and_figures_are_made(tmp_path):
     since = (datetime.datetime.now() - datetime.timedelta(seconds=2)).strftime("%Y-%m-%dT%H:%M:%S")
 
     run = _snakemake(tmp_path, "--workflow-profile", str(profile), "--slurm-init-seconds-before-status-checks", "1", "all")
-    assert run.returncode == 0, run.stderr[-6000:]
+    assert run.returncode == 0, run.stderr[-4000:] + _slurm_job_logs(tmp_path)
 
     grid = config["grid"]
     expected = sorted(
@@ -119,11 +126,12 @@ def test_measure_jobs_run_as_slurm_jobs_and_figures_are_made(tmp_path):
 
     rows = [row for row in _finished_rows("--starttime", since, expect=len(expected)) if row["Comment"].startswith("rule_")]
     # Every measurement was a Slurm job, and nothing else was: the other rules ran locally.
-    assert sorted(row["Comment"] for row in rows) == expected
-    assert {row["State"] for row in rows} == {"COMPLETED"}
-    assert all("gres/gpu=1" in row["AllocTRES"] for row in rows)
-    # --exclusive from the profile's slurm_extra: each job held the whole node.
-    assert {int(row["AllocCPUS"]) for row in rows} == {_node_cpus()}
+    assert sorted(row["Comment"] for row in rows) == expected, rows
+    assert {row["State"] for row in rows} == {"COMPLETED"}, rows
+    # --exclusive from the profile's slurm_extra: each job held the whole node, every CPU and
+    # GPU of it (the job measures on the first GPU Slurm lists).
+    assert {row["AllocCPUS"] for row in rows} == {str(_node_cpus())}, rows
+    assert all(f"gres/gpu={NODE_GPUS}" in row["AllocTRES"].split(",") for row in rows), rows
 
     assert list((tmp_path / "figures").glob("*.pdf"))
     dry = _snakemake(tmp_path, "--cores", "1", "--dry-run", "all")
