@@ -157,3 +157,19 @@ def test_benchmark_smoke_run_writes_tables(tmp_path):
         + [("mla", "compile+sdpa", "1")]
     )
     assert all(float(r["decode_floor_ms"]) > 0 and float(r["decode_ms"]) > 0 for r in rows)
+
+
+def test_close_frees_a_compiled_model_and_its_caches(monkeypatch):
+    """A sweep builds engine after engine: close() must free the last one's memory."""
+    import weakref
+
+    from phasewatt.models.decoder import DecoderModel
+
+    compile_decode = DecoderModel.compile_decode
+    monkeypatch.setattr(DecoderModel, "compile_decode", lambda self, mode: compile_decode(self, backend="eager"))
+    engine = engine_for("gqa", options={"compile": True})
+    engine.setup()
+    engine.decode(DECODE)
+    model, cache = weakref.ref(engine.model), weakref.ref(engine.model.caches[0][0])
+    engine.close()
+    assert model() is None and cache() is None

@@ -217,9 +217,14 @@ class NativeEngine:
         }
 
     def close(self) -> None:
+        """Free the model, its caches and the graph (a compiled module refers to itself, so
+        only a collection frees it) before the next engine of a sweep allocates its own."""
+        import gc
+
         import torch
 
         self.graph = self.model = self._decode_fn = None
+        gc.collect()
         if self.on_cuda:
             torch.cuda.empty_cache()
 

@@ -2,8 +2,8 @@
 head (spec.qk_norm). Fused qkv and gate/up weights, a static [B, kv_heads, L, head_dim] cache.
 
 Decode folds the query heads of each KV group into the query-length axis
-([B, kv_heads, group, head_dim]), so one SDPA call reads each cached K/V head once without
-repeating it per query head.
+([B, kv_heads, group, head_dim]), so attention (one SDPA call, or two matmuls around a
+softmax: decode_attention) reads each cached K/V head once, never repeated per query head.
 """
 
 from __future__ import annotations
