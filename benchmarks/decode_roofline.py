@@ -69,6 +69,7 @@ COLUMNS = [
     "decode_ms", "decode_floor_ms", "decode_bw_frac", "decode_tb_s",
     "prefill_ms", "prefill_floor_ms", "prefill_vs_floor", "prefill_bound",
     "build_s", "compile_s", "capture_s", "compile", "decode_attention", "cache_len",
+    "device", "torch", "copy_tb_s", "gemm_tflop_s",
 ]
 
 
@@ -253,16 +254,17 @@ def render(rows: list[dict], env: dict, roof: dict, args, elapsed_s: float) -> t
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
+    run_info = {"device": env["device"], "torch": env["torch"], "copy_tb_s": roof["copy_bytes_per_s"] / 1e12, "gemm_tflop_s": roof["gemm_flop_per_s"] / 1e12}
     for row in rows:
-        writer.writerow({k: row.get(k, "") for k in COLUMNS})
+        writer.writerow({k: row.get(k, run_info.get(k, "")) for k in COLUMNS})
     lines = [
         "# Native engine against the roofline",
         "",
         f"- device: {env['device']} (driver {env.get('driver', '-')}), torch {env['torch']}, CUDA {env.get('cuda', '-')}, "
         f"triton {env.get('triton')}, fla {env.get('fla')}",
         f"- measured copy bandwidth (read + write): {roof['copy_bytes_per_s'] / 1e12:.3f} TB/s; "
-        f"bf16 GEMM {roof['gemm_n']}^3: {roof['gemm_flop_per_s'] / 1e12:.1f} TFLOP/s",
-        f"- decode floor = ModelSpec.decode_step_cost bytes / copy bandwidth, averaged over {args.decode_steps} steps after the prompt; "
+        f"{roof['gemm_dtype']} GEMM {roof['gemm_n']}^3: {roof['gemm_flop_per_s'] / 1e12:.1f} TFLOP/s",
+        f"- decode floor = ModelSpec.decode_step_cost bytes / copy bandwidth, averaged over the {args.decode_steps} timed steps after the prompt (eager: 8); "
         "bw frac = floor / measured step time",
         "- prefill floor = max(ModelSpec.prefill_cost FLOPs / GEMM rate, bytes / copy bandwidth); vs floor = measured / floor",
         f"- wall time of this run: {elapsed_s:.0f} s",
@@ -326,6 +328,7 @@ def main(argv=None) -> int:
         "copy_bytes_per_s": copy_bandwidth(device, timer, (64 << 20) if args.smoke else (4 << 30)),
         "gemm_flop_per_s": gemm_rate(device, timer, gemm_n),
         "gemm_n": gemm_n,
+        "gemm_dtype": "bf16" if device.type == "cuda" else "float32",
     }
     print(f"{env['device']}: copy {roof['copy_bytes_per_s'] / 1e12:.3f} TB/s, GEMM {roof['gemm_flop_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
 
