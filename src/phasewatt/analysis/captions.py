@@ -60,17 +60,20 @@ TABLE_TEXT = {
 
 FIGURE_TEXT = {
     "roofline_decode": (
-        "Decode on the roofline of the GPU: attained throughput against arithmetic intensity (FLOPs per byte of "
-        "HBM traffic, from the model's shapes) for each model and batch size at the default setting, under the "
-        "bandwidth and compute ceilings. Decode sits on the bandwidth slope: the SMs wait on memory."
+        "Decode on the roofline of the GPU: achieved compute (TFLOP/s, FLOPs of the model's shapes over the measured "
+        "time) against arithmetic intensity (FLOPs per byte of HBM traffic) for each model, batch size and prompt "
+        "length at the default setting. Ceilings: the copy bandwidth, the datasheet bf16 peak, the peak at the "
+        "highest clock x the measured GEMM efficiency, and the GEMM rate at the 700 W limit, each named in the legend."
     ),
     "roofline_prefill": (
-        "Prefill on the roofline of the GPU: attained throughput against arithmetic intensity for each model, batch "
-        "size and prompt length at the default setting, under the bandwidth and compute ceilings."
+        "Prefill on the roofline of the GPU: achieved compute (TFLOP/s) against arithmetic intensity for each model, "
+        "batch size and prompt length at the default setting, under the same bandwidth and compute ceilings as the "
+        "decode roofline."
     ),
     "power_vs_cap": (
-        "Decode power and throughput against the power cap, per model: the measured power stays far below every "
-        "cap, so the curves are flat and the caps do not change decode."
+        "Decode power under each power cap, per model: the median of each configuration's mean decode power against "
+        "the cap, with the line power = cap and the GPU's TDP. Filled markers: a decode window of that configuration "
+        "had the SW power cap reason set (the cap bound); open markers: it never did."
     ),
     "energy_vs_seqlen": (
         "Energy per token against prompt length, prefill and decode, per model at the default setting: medians "
@@ -82,13 +85,15 @@ FIGURE_TEXT = {
         "where a line crosses the reference's."
     ),
     "clock_sustained": (
-        "Sustained against requested SM clock for every clock lock: high locks are not held under load (a "
-        "1980 MHz lock sustains about 1830 MHz on an H200), low locks are held exactly."
+        "Sustained (median of the sampled SM clock during the window) against requested SM clock for every clock "
+        "lock, prefill and decode, per model, with the line sustained = requested. The study reports that a 1980 MHz "
+        "lock sustains about 1830 MHz on an H200 and that locks up to 1590 MHz are held exactly."
     ),
     "pareto": (
-        "Decode energy per token against throughput for every DVFS setting of {model}, one panel or colour per "
-        "batch size: default, power caps and SM clock locks, with the Pareto front of settings no other setting "
-        "beats on both."
+        "Decode energy per token against decode throughput for every DVFS setting of {model}, one panel per batch "
+        "size (columns) and prompt length (rows): default, power caps and SM clock locks marked apart, and each "
+        "family's Pareto front (settings no other setting of the family beats on both; the default belongs to "
+        "both families). Filled markers lie on their family's front."
     ),
     "timeline": (
         "One run of {model} over time: instant power, SM clock and the power cap, with the prefill and decode "
