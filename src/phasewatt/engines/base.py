@@ -38,7 +38,7 @@ def make_engine(name: str, *, spec, gpu, batch: int, prompt_len: int, decode_tok
     if name == "native":
         from phasewatt.engines.native import NativeEngine
 
-        return NativeEngine(spec=spec, gpu=gpu, batch=batch, prompt_len=prompt_len, decode_tokens=decode_tokens, seed=seed, checkpoint=checkpoint)
+        return NativeEngine(spec=spec, gpu=gpu, batch=batch, prompt_len=prompt_len, decode_tokens=decode_tokens, seed=seed, checkpoint=checkpoint, options=options)
     if name == "vllm":
         from phasewatt.engines.vllm import VllmEngine
 

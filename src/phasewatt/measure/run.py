@@ -100,6 +100,7 @@ def run_job(config: dict, job: Job, record_path, trace_path, journal_dir, gpu=No
                     decode_tokens=int(config["decode_tokens"]),
                     seed=int(config["seed"]),
                     checkpoint=config.get("checkpoints", {}).get(job.model),
+                    options=config.get("engine_options") or {},
                 )
                 try:
                     setup = engine.setup()
