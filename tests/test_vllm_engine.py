@@ -100,6 +100,16 @@ def test_this_environment_without_vllm_is_refused():
         check_vllm_available()
 
 
+def test_workflow_preflight_refuses_engine_vllm_without_vllm(monkeypatch):
+    """The Snakefile's pre-flight, before the DAG and any job."""
+    from phasewatt.workflow import preflight
+
+    monkeypatch.setattr(vllm_engine, "_find_vllm", lambda: None)
+    with pytest.raises(PhasewattError, match=r'pip install -e "\.\[vllm\]"'):
+        preflight(tiny_config(["gqa"]))
+    assert preflight(tiny_config(["gqa"], engine="auto")) == "none"
+
+
 def test_engine_vllm_without_vllm_stops_before_measuring(monkeypatch, tmp_path):
     monkeypatch.setattr(vllm_engine, "_find_vllm", lambda: None)
     config = tiny_config(["gqa"])
