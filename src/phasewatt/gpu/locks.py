@@ -149,6 +149,11 @@ def _try_lock(path: Path) -> int | None:
     return fd
 
 
+def _say(text: str) -> None:
+    """On stderr at once: a job's log must show that it waits while it waits."""
+    print(text, file=sys.stderr, flush=True)
+
+
 def _note_holder(fd: int) -> None:
     """Write who holds the lock into the file, for a person looking at a busy GPU."""
     try:
@@ -225,7 +230,7 @@ def acquire_gpu(
                 )
             if not told:
                 message = f"phasewatt: GPUs {candidates} are all busy (locks in {folder}); waiting for one to free"
-                (on_wait or (lambda text: print(text, file=sys.stderr)))(message)
+                (on_wait or _say)(message)
                 told = True
             time.sleep(poll_s)
         _note_holder(fd)
