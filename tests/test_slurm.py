@@ -5,6 +5,7 @@ these tests are skipped."""
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import subprocess
 import sys
@@ -132,6 +133,11 @@ def test_measure_jobs_run_as_slurm_jobs_and_figures_are_made(tmp_path):
     # GPU of it (the job measures on the first GPU Slurm lists).
     assert {row["AllocCPUS"] for row in rows} == {str(_node_cpus())}, rows
     assert all(f"gres/gpu={NODE_GPUS}" in row["AllocTRES"].split(",") for row in rows), rows
+
+    # Each record names the Slurm job that measured it, and the GPU came from Slurm's allocation.
+    measured = [json.loads(record.read_text()) for record in records]
+    assert sorted(r["slurm_job_id"] for r in measured) == sorted(row["JobIDRaw"] for row in rows)
+    assert {(r["gpu_assigned_by"], r["gpu_index"]) for r in measured} == {("slurm", 0)}
 
     assert list((tmp_path / "figures").glob("*.pdf"))
     dry = _snakemake(tmp_path, "--cores", "1", "--dry-run", "all")
