@@ -22,6 +22,13 @@ WINDOW_COLUMNS = [
 ]
 
 
+# Columns that are readings of the GPU's sensors (NaN for device "none").
+ENERGY_COLUMNS = [
+    "energy_j", "integrated_energy_j", "counter_energy_j", "tail_correction_j", "energy_mj_per_token",
+    "mean_power_w", "max_power_w", "idle_power_w", "counter_vs_integral_rel", "sustained_sm_clock_mhz",
+]
+
+
 def dvfs_kind(token: str) -> tuple[str, float]:
     if token.startswith("pl"):
         return "power_cap", float(token[2:])
@@ -69,6 +76,9 @@ def record_rows(record: dict) -> list[dict]:
             row["thermal_violation_s"] = window.get("violation_ns", {}).get("thermal", 0) / 1e9
             row["sim_true_joules"] = window.get("sim_true_joules", float("nan"))
             row["flops"], row["hbm_bytes"] = costs[phase]
+            if record.get("device") == "none":  # wall-clock only: no energy or power was read
+                for key in ENERGY_COLUMNS:
+                    row[key] = float("nan")
             rows.append(row)
     return rows
 

@@ -42,7 +42,7 @@ def make_engine(name: str, *, spec, gpu, batch: int, prompt_len: int, decode_tok
     if name == "vllm":
         from phasewatt.engines.vllm import VllmEngine
 
-        return VllmEngine(spec=spec, gpu=gpu, batch=batch, prompt_len=prompt_len, decode_tokens=decode_tokens, seed=seed, checkpoint=checkpoint)
+        return VllmEngine(spec=spec, gpu=gpu, batch=batch, prompt_len=prompt_len, decode_tokens=decode_tokens, seed=seed, checkpoint=checkpoint, options=options)
     if name == "microbench":
         from phasewatt.engines.microbench import MicrobenchEngine
 

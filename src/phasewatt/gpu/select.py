@@ -48,7 +48,12 @@ def resolve_engine(engine: str, device: str) -> str:
     if engine == "sim" and device != "sim":
         raise ConfigError("engine: 'sim' runs only on the simulated GPU; allowed with device nvml: native, vllm, microbench")
     if engine in ("native", "microbench") and device == "sim":
-        raise ConfigError(f"engine: {engine!r} needs a real GPU (device: nvml); allowed with device sim: sim, vllm")
+        raise ConfigError(f"engine: {engine!r} needs a real GPU (device: nvml); allowed with device sim: sim")
+    if engine == "vllm" and device == "sim":
+        raise ConfigError(
+            "engine: 'vllm' runs on wall time, not on the simulator's clock; allowed with device sim: sim "
+            "(vLLM without power readings: device none)"
+        )
     return engine
 
 
