@@ -55,9 +55,20 @@ tmp=$(mktemp -d /tmp/phasewatt-slurm.XXXXXX)
 linked_conf=0
 pids=()
 names=()
+tests=
 cleanup() {
     status=$?
     set +e
+    if [ -n "$tests" ] && kill -0 "$tests" 2>/dev/null; then
+        kill -TERM -- "-$tests" 2>/dev/null
+        wait "$tests" 2>/dev/null
+    fi
+    # Jobs still in the cluster: cancel them while slurmctld is up (a job's slurmstepd would
+    # outlive slurmd), and wait until they are gone.
+    if [ -n "${SLURM_CONF:-}" ] && [ -n "$(timeout 10 squeue -h -o %i 2>/dev/null)" ]; then
+        timeout 10 scancel --full $(timeout 10 squeue -h -o %i) 2>/dev/null
+        for _ in $(seq 100); do [ -z "$(timeout 5 squeue -h -o %i 2>/dev/null)" ] && break; sleep 0.1; done
+    fi
     # Newest first: slurmd, slurmctld, slurmdbd, MariaDB, munged.
     for (( i=${#pids[@]}-1; i>=0; i-- )); do
         pid=${pids[$i]}
@@ -217,5 +228,8 @@ launch slurmd slurmd -D
 wait_for "the node" 30 bash -c '[ "$(sinfo -h -o %T)" = idle ]'
 echo "slurm.sh: one-node cluster up in $(( $(date +%s) - start )) s: $(sinfo -h -o '%P %D %T %G')"
 
+# In a session of its own, so that cleanup can end it with everything it started.
 PHASEWATT_SLURM_CLUSTER=up PHASEWATT_SLURM_ACCOUNT=$account PHASEWATT_SLURM_PARTITION=$partition \
-    python3 -m pytest -q -p no:cacheprovider "$repo/tests/test_slurm.py" "$@"
+    setsid python3 -m pytest -q -p no:cacheprovider "$repo/tests/test_slurm.py" "$@" &
+tests=$!
+wait "$tests"
