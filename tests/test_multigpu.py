@@ -93,3 +93,35 @@ def test_two_gpus_measure_two_jobs_at_once_each_on_its_own_gpu(tmp_path):
     ]
     assert overlapping
     assert all(a["gpu_index"] != b["gpu_index"] for a, b in overlapping)
+
+
+@pytest.mark.slow
+def test_local_profile_runs_one_measurement_at_a_time(tmp_path):
+    """profiles/local's gpu: 1 keeps a second job from starting while the first one holds
+    the node's only measurement slot, even with two GPUs configured."""
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(_tiny_config()))
+    targets = [f"results/runs/gqa/bs1_seq64/{dvfs}.json" for dvfs in DVFS[:2]]
+    lock_dir = tmp_path / "gpu-locks"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
+    env[LOCK_DIR_ENV] = str(lock_dir)
+    cmd = [sys.executable, "-m", "snakemake", *targets, "--snakefile", str(REPO / "Snakefile"),
+           "--directory", str(tmp_path), "--workflow-profile", str(REPO / "profiles" / "local")]
+    proc = None
+    try:
+        with contextlib.ExitStack() as held:
+            for _ in range(2):
+                held.enter_context(acquire_gpu(lock_dir, 2, env={}))
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+            _wait_until_jobs_wait(tmp_path, 1, proc)
+            time.sleep(3)  # a second job, if let through, would have started by now
+            started = sorted(log.name for log in (tmp_path / "logs" / "measure").rglob("*.log"))
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 0, stderr[-4000:]
+    assert len(started) == 1, started
+    records = sorted((json.loads((tmp_path / target).read_text()) for target in targets), key=lambda r: r["wall_start_unix_s"])
+    assert records[0]["wall_end_unix_s"] <= records[1]["wall_start_unix_s"]
