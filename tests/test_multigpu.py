@@ -38,7 +38,7 @@ def _tiny_config() -> dict:
     return config
 
 
-def _wait_until_jobs_wait(workdir: Path, count: int, proc: subprocess.Popen, timeout_s: float = 90) -> None:
+def _wait_until_jobs_wait(workdir: Path, count: int, proc: subprocess.Popen, timeout_s: float = 60) -> None:
     """Until `count` measure jobs have said (in their logs) that every GPU is busy."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
