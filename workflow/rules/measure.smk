@@ -17,6 +17,5 @@ rule measure:
         mem_mb=config["resources"].get("measure_mem_mb", 32000),
     params:
         journal_dir="results/dvfs_journal",
-        lock_dir="results/gpu_locks",
     script:
         "../scripts/measure.py"

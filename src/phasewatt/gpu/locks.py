@@ -127,7 +127,7 @@ def _refuse_if_cuda_initialised() -> None:
         )
 
 
-def _slurm_assigned(env: MutableMapping[str, str]) -> bool:
+def slurm_assigned(env: MutableMapping[str, str]) -> bool:
     return bool(env.get("SLURM_JOB_ID")) and bool(env.get("CUDA_VISIBLE_DEVICES", "").strip())
 
 
@@ -203,7 +203,7 @@ def acquire_gpu(
     fd = None
     try:
         env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
-        if _slurm_assigned(env):
+        if slurm_assigned(env):
             index = _parse_visible_devices(env["CUDA_VISIBLE_DEVICES"])[0]
             env["CUDA_VISIBLE_DEVICES"] = str(index)
             yield GpuAssignment(index=index, assigned_by="slurm", lock_path=None)
