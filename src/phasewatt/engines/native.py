@@ -3,11 +3,19 @@ roofline: static caches sized to prompt + decode length, the decode step (model,
 argmax, position advance) captured once as a CUDA graph, and each layer compiled on its own
 with torch.compile so that the small elementwise ops fuse into a few kernels.
 
+Prefill is compiled per layer too (eager, it is launch-bound at short prompts and pays
+several passes over the activations per norm/rope/SwiGLU at long ones), and a short prefill
+is captured as a CUDA graph as well (fla's kernels have a heavy Python launch path).
+Inductor's coordinate-descent tuning is on: with it, a batch-1 matrix-vector product is
+lowered to a Triton reduction that fuses with its neighbours and reaches the bandwidth a
+cuBLAS GEMV does not at these sizes (the gpt-fast recipe).
+
 On CPU (tests, CI) it runs eagerly in float32: no graph, no compile.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from contextlib import nullcontext
 
@@ -21,9 +29,15 @@ DEFAULT_OPTIONS = {
     "compile": "auto",  # true | false | auto (= on CUDA, when the model can be compiled per layer)
     "compile_mode": "default",  # torch.compile mode, e.g. max-autotune-no-cudagraphs
     "warmup_steps": 3,  # eager decode steps before capture (the first one compiles)
-    "decode_attention": "auto",  # auto (the model's default) | sdpa | matmul (gqa and mla)
+    "decode_attention": "auto",  # auto (the model's default on this device) | sdpa | matmul (gqa and mla)
+    "compile_prefill": "auto",  # true | false | auto (= whenever the decode step is compiled)
+    "prefill_graph": "auto",  # true | false | auto (= on CUDA with cuda_graph, prompts of <= PREFILL_GRAPH_MAX_TOKENS)
+    "coordinate_descent_tuning": True,  # inductor's tuning that turns batch-1 GEMVs into fused reductions
 }
 COMPILE_CHOICES = (True, False, "auto")
+# A prefill of more tokens than this keeps the GPU busy on its own; capturing it as a graph
+# would only hold its activations in the graph's memory pool for nothing.
+PREFILL_GRAPH_MAX_TOKENS = 16384
 
 
 def resolve_options(options: dict | None) -> dict:
@@ -41,6 +55,11 @@ def resolve_options(options: dict | None) -> dict:
         raise ConfigError(f"engine_options.compile_mode: {resolved['compile_mode']!r} is not a torch.compile mode name")
     if not isinstance(resolved["warmup_steps"], int) or isinstance(resolved["warmup_steps"], bool) or resolved["warmup_steps"] < 1:
         raise ConfigError(f"engine_options.warmup_steps: {resolved['warmup_steps']!r}; allowed: an integer >= 1")
+    for key in ("compile_prefill", "prefill_graph"):
+        if resolved[key] not in COMPILE_CHOICES or not isinstance(resolved[key], (bool, str)):
+            raise ConfigError(f"engine_options.{key}: {resolved[key]!r}; allowed: true, false, auto")
+    if not isinstance(resolved["coordinate_descent_tuning"], bool):
+        raise ConfigError(f"engine_options.coordinate_descent_tuning: {resolved['coordinate_descent_tuning']!r}; allowed: true, false")
     if resolved["decode_attention"] not in ("auto",) + DECODE_ATTENTION:
         raise ConfigError(
             f"engine_options.decode_attention: {resolved['decode_attention']!r}; allowed: auto, " + ", ".join(DECODE_ATTENTION)
@@ -65,7 +84,16 @@ class NativeEngine:
         self.dtype = getattr(torch, spec.dtype) if self.on_cuda else torch.float32
         self.use_graph = self.on_cuda and self.options["cuda_graph"]
         self.compile_how = self._compile_how()
-        self.model = self.graph = None
+        self.compile_prefill = self.on_cuda and (
+            self.options["compile_prefill"] is True or (self.options["compile_prefill"] == "auto" and self.compile_how != "none")
+        )
+        graph_prefill = self.options["prefill_graph"]
+        self.want_prefill_graph = self.on_cuda and (
+            graph_prefill is True
+            or (graph_prefill == "auto" and self.use_graph and self.batch * self.prompt_len <= PREFILL_GRAPH_MAX_TOKENS)
+        )
+        self.model = self.graph = self.prefill_graph = None
+        self.prefill_graph_error = None
 
     def _compile_how(self) -> str:
         """none | regional (the model's compile_decode) | whole (torch.compile of decode)."""
@@ -93,6 +121,12 @@ class NativeEngine:
             if not hasattr(model, "set_decode_attention"):
                 raise ConfigError(f"engine_options.decode_attention: the {self.spec.arch} model has no choice of decode attention; use auto")
             model.set_decode_attention(self.options["decode_attention"])
+        elif self.on_cuda and getattr(model, "cuda_decode_attention", None):
+            model.set_decode_attention(model.cuda_decode_attention)
+        if self.compile_how != "none" or self.compile_prefill:
+            self._configure_inductor()
+        if self.compile_prefill and hasattr(self.model, "compile_prefill"):
+            self.model.compile_prefill(mode=self.options["compile_mode"])
         gen = torch.Generator().manual_seed(self.seed)
         self.prompt = torch.randint(0, self.spec.vocab_size, (self.batch, self.prompt_len), generator=gen).to(self.device)
         with torch.no_grad():
@@ -100,26 +134,71 @@ class NativeEngine:
             self.tokens = torch.zeros(self.batch, dtype=torch.long, device=self.device)
             self.first_tokens = torch.zeros_like(self.tokens)
             self.position = torch.full((1,), self.prompt_len, dtype=torch.long, device=self.device)
-            self.prefill()
-            self.synchronize()
             times["build_s"] = time.perf_counter() - t0
+            t = time.perf_counter()
+            self.prefill()  # compiles the prefill when compile_prefill
+            self.synchronize()
+            times["prefill_first_s"] = time.perf_counter() - t
 
             self._decode_fn = self.model.decode
             if self.compile_how != "none":
-                import torch._dynamo
-
-                torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
                 if self.compile_how == "regional":
                     self.model.compile_decode(mode=self.options["compile_mode"])
                 else:
                     self._decode_fn = torch.compile(self.model.decode, mode=self.options["compile_mode"])
             times["compile_s"], times["warmup_s"] = self._warm_up()
             times["capture_s"] = self._capture() if self.use_graph else 0.0
+            times["prefill_capture_s"] = self._capture_prefill() if self.want_prefill_graph else 0.0
             if not getattr(self.model, "decode_restarts_at_prompt_end", False):
                 # Warm-up advanced a recurrent state (gdn, mamba2): start again after the prompt.
                 self.prefill()
                 self.synchronize()
         return times
+
+    def _configure_inductor(self) -> None:
+        """Process-wide inductor settings for the compiled layers: coordinate-descent tuning
+        (fused Triton GEMVs at batch 1), and no inductor CUDA graphs (the engine captures its
+        own graphs around whole steps)."""
+        import torch._dynamo
+        import torch._inductor.config as inductor_config
+
+        # One compiled graph serves every layer; the headroom covers recompiles per shape.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 128)
+        torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 1024)
+        inductor_config.coordinate_descent_tuning = self.options["coordinate_descent_tuning"]
+        inductor_config.triton.cudagraphs = False
+
+    def _prefill_once(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            logits = self.model.prefill(self.prompt)
+            self.first_tokens.copy_(logits.argmax(dim=-1))
+
+    def _capture_prefill(self) -> float:
+        """Capture the whole prefill (prompt -> caches/states and first tokens) as a CUDA
+        graph, after one run on a side stream. A prefill that cannot be captured (an op that
+        syncs with the host) runs eagerly instead; the reason is kept for describe()."""
+        import torch
+
+        t = time.perf_counter()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.stream(stream):
+                self._prefill_once()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._prefill_once()
+            self.synchronize()
+            self.prefill_graph = graph
+        except RuntimeError as exc:
+            self.prefill_graph = None
+            self.prefill_graph_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+            print(f"native engine: prefill not captured as a CUDA graph, it runs eagerly ({self.prefill_graph_error})", file=sys.stderr)
+            self.synchronize()
+        return time.perf_counter() - t
 
     def _step(self) -> None:
         """One greedy decode step on the static buffers: next token and position in place."""
@@ -165,11 +244,10 @@ class NativeEngine:
     # ----- the protocol ---------------------------------------------------------------------
     def prefill(self) -> int:
         """All prompts from an empty cache; keeps the greedy first tokens for decode."""
-        import torch
-
-        with torch.no_grad():
-            logits = self.model.prefill(self.prompt)
-            self.first_tokens.copy_(logits.argmax(dim=-1))
+        if self.prefill_graph is not None:
+            self.prefill_graph.replay()
+        else:
+            self._prefill_once()
         return self.batch * self.prompt_len
 
     def decode(self, n_steps: int) -> int:
@@ -212,6 +290,10 @@ class NativeEngine:
             "compile": self.compile_how,
             "compile_mode": self.options["compile_mode"] if self.compile_how != "none" else None,
             "decode_attention": getattr(self.model, "decode_attention", None),
+            "compile_prefill": self.compile_prefill,
+            "prefill_graph": self.prefill_graph is not None,
+            "prefill_graph_error": self.prefill_graph_error,
+            "coordinate_descent_tuning": self.options["coordinate_descent_tuning"] if self.compile_how != "none" or self.compile_prefill else None,
             "cache_len": getattr(self.model, "cache_len", None),
             "checkpoint": str(self.checkpoint) if self.checkpoint else None,
         }
@@ -223,7 +305,7 @@ class NativeEngine:
 
         import torch
 
-        self.graph = self.model = self._decode_fn = None
+        self.graph = self.prefill_graph = self.model = self._decode_fn = None
         gc.collect()
         if self.on_cuda:
             torch.cuda.empty_cache()

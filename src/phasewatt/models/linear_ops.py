@@ -249,14 +249,21 @@ def gated_delta_rule_prefill(q, k, v, g, beta, scale: float, backend: str = "aut
     """Whole-prompt gated delta rule from a zero state, q and k L2-normalised here (in the
     kernel on fla). Returns o [B, T, H, V] and the final state [B, H, K, V] (float32)."""
     if _use_fla(q, backend):
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-
-        out, state = chunk_gated_delta_rule(
-            q.contiguous(), k.contiguous(), v.contiguous(), g=g, beta=beta, scale=scale, initial_state=None,
-            output_final_state=True, use_qk_l2norm_in_kernel=True,
-        )
-        return out, state.float()
+        return _fla_gated_delta_rule(q, k, v, g, beta, scale)
     return chunk_gated_delta_rule_torch(l2_normalize(q), l2_normalize(k), v, g, beta, scale)
+
+
+@torch.compiler.disable
+def _fla_gated_delta_rule(q, k, v, g, beta, scale: float):
+    """fla's chunked kernels, kept out of torch.compile (a compiled prefill breaks its graph
+    here and calls them as they are)."""
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    out, state = chunk_gated_delta_rule(
+        q.contiguous(), k.contiguous(), v.contiguous(), g=g, beta=beta, scale=scale, initial_state=None,
+        output_final_state=True, use_qk_l2norm_in_kernel=True,
+    )
+    return out, state.float()
 
 
 def simple_gla_prefill(q, k, v, g, scale: float, chunk_size: int, backend: str = "auto"):
@@ -264,11 +271,16 @@ def simple_gla_prefill(q, k, v, g, scale: float, chunk_size: int, backend: str =
     final state [B, H, K, V] (float32). fla picks its own chunk size; the result is the same.
     On fla, v is cast to q's dtype (the kernel takes q, k, v of one dtype)."""
     if _use_fla(q, backend):
-        from fla.ops.simple_gla import chunk_simple_gla
-
-        out, state = chunk_simple_gla(
-            q.contiguous(), k.contiguous(), v.to(q.dtype).contiguous(), g=g, scale=scale,
-            initial_state=None, output_final_state=True,
-        )
-        return out, state.float()
+        return _fla_simple_gla(q, k, v.to(q.dtype), g, scale)
     return chunk_simple_gla_torch(q, k, v, g, scale, chunk_size=chunk_size)
+
+
+@torch.compiler.disable
+def _fla_simple_gla(q, k, v, g, scale: float):
+    """fla's chunked kernels, kept out of torch.compile like _fla_gated_delta_rule."""
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    out, state = chunk_simple_gla(
+        q.contiguous(), k.contiguous(), v.contiguous(), g=g, scale=scale, initial_state=None, output_final_state=True,
+    )
+    return out, state.float()

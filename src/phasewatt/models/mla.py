@@ -95,12 +95,12 @@ class MLALayer(nn.Module):
         h = h + self.o(out) * self.residual_scale
         return h, self.mlp(self.mlp_norm(h)) * self.residual_scale
 
-    def prefill(self, h, delta, cos, sin, cache, rows: slice):
-        """Whole prompts h, delta [b, S, d] of the cache rows `rows`, K/V expanded per head."""
+    def prefill(self, h, delta, cos, sin, cache):
+        """Whole prompts h, delta [b, S, d] (cache: views of their rows), K/V expanded per head."""
         h = h + delta
         b, s, _ = h.shape
         q_nope, q_pe, entry = self._project(self.attn_norm(h), cos, sin)
-        cache[0][rows, :s] = entry
+        cache[0][:, :s] = entry
         kv = self.kv_b_proj(entry[..., : self.kv_lora]).view(b, s, self.n_heads, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k_pe = entry[..., self.kv_lora :].unsqueeze(2).expand(b, s, self.n_heads, self.rope)

@@ -99,3 +99,12 @@ class RecurrentModel(nn.Module):
         state. Prefill stays eager (block.prefill)."""
         for layer in self.layers:
             layer.compile(mode=mode, dynamic=dynamic, fullgraph=True)
+
+    def compile_prefill(self, mode: str = "default", dynamic: bool | None = None, backend: str = "inductor") -> None:
+        """torch.compile each block's prefill on its own: the norms, projections' epilogues,
+        conv activation, gates and MLP fuse; fla's kernels stay outside the graphs (a graph
+        break at linear_ops' fla call), so the block compiles as a few graphs, not one.
+        Another backend (eager, aot_eager) checks the tracing without a GPU."""
+        how = {"mode": mode} if backend == "inductor" else {"backend": backend}
+        for layer in self.layers:
+            layer.prefill = torch.compile(layer.prefill, dynamic=dynamic, **how)
