@@ -14,11 +14,18 @@ Variants: eager (no graph, no compile), graph (CUDA graph only), compile (graph 
 per-layer compiled step, the engine's default), compile-max (compile_mode
 max-autotune-no-cudagraphs); a suffix +sdpa or +matmul picks the decode attention (gqa, mla).
 --variants run at every configuration, --compare only at --compare-batches x
---compare-prompts. Configurations are taken smallest batch first; once --budget-s is spent
-the rest are listed as skipped. Results are rewritten after every configuration, so a run
-cut short still leaves its tables.
+--compare-prompts (a +sdpa/+matmul variant only where it is not the model's default on the
+device). Configurations run in --batches order (all models at the first batch, then the
+compare variants, then the next batch); once --budget-s is spent the rest are listed as
+skipped. Prefill is timed up to --prefill-max-tokens tokens (the engine's setup still runs
+one). Results are rewritten after every configuration, so a run cut short still leaves its
+tables; the table is printed at the end.
 
-GPU (about 8 minutes for all five models; never changes power limits or clocks):
+Inductor settings are process-wide and compiled layers are reused by later engines of the
+same architecture, so variants that differ only in inductor settings (compile-max) are best
+compared in separate runs.
+
+GPU (about 5-6 minutes for all five models; never changes power limits or clocks):
     OUT=/some/dir PYTHONPATH=src python3 benchmarks/decode_roofline.py
 CPU smoke check (tiny models, a few seconds):
     PYTHONPATH=src python3 benchmarks/decode_roofline.py --smoke --out /tmp/roofline
@@ -68,7 +75,7 @@ COLUMNS = [
     "model", "arch", "variant", "batch", "prompt", "status",
     "decode_ms", "decode_floor_ms", "decode_bw_frac", "decode_tb_s",
     "prefill_ms", "prefill_floor_ms", "prefill_vs_floor", "prefill_bound",
-    "build_s", "compile_s", "capture_s", "compile", "decode_attention", "cache_len",
+    "build_s", "prefill_first_s", "compile_s", "capture_s", "prefill_capture_s", "compile", "prefill_graph", "decode_attention", "cache_len",
     "device", "torch", "copy_tb_s", "gemm_tflop_s",
 ]
 
@@ -80,12 +87,13 @@ def parse_args(argv=None):
     p.add_argument("--batches", default="1,8,32,128")
     p.add_argument("--prompts", default="512,2048")
     p.add_argument("--variants", default="compile", help="run at every configuration")
-    p.add_argument("--compare", default="graph,eager,compile+matmul,compile+sdpa", help="run only at the compare points")
+    p.add_argument("--compare", default="compile+sdpa", help="run only at the compare points")
     p.add_argument("--compare-batches", default="1")
     p.add_argument("--compare-prompts", default="512,2048")
     p.add_argument("--decode-tokens", type=int, default=None, help="cache room for decode (default: config.yaml decode_tokens)")
-    p.add_argument("--decode-steps", type=int, default=64, help="steps per timed decode window (eager: 8)")
-    p.add_argument("--budget-s", type=float, default=450.0, help="start no configuration after this many seconds")
+    p.add_argument("--decode-steps", type=int, default=32, help="steps per timed decode window (eager: 8)")
+    p.add_argument("--prefill-max-tokens", type=int, default=65536, help="time prefill only up to batch x prompt of this many tokens")
+    p.add_argument("--budget-s", type=float, default=300.0, help="start no configuration after this many seconds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.environ.get("OUT"))
     p.add_argument("--smoke", action="store_true", help="tiny models on CPU, to check the script")
@@ -210,8 +218,9 @@ def measure_one(spec, variant, batch, prompt, args, device, timer, roof, with_pr
         setup = engine.setup()
         info = engine.describe()
         row.update(
-            build_s=setup["build_s"], compile_s=setup["compile_s"], capture_s=setup["capture_s"],
-            compile=info["compile"], decode_attention=info["decode_attention"], cache_len=info["cache_len"],
+            build_s=setup["build_s"], prefill_first_s=setup.get("prefill_first_s"), compile_s=setup["compile_s"],
+            capture_s=setup["capture_s"], prefill_capture_s=setup.get("prefill_capture_s"), compile=info["compile"],
+            prefill_graph=info.get("prefill_graph"), decode_attention=info["decode_attention"], cache_len=info["cache_len"],
         )
         steps = min(args.decode_steps, args.decode_tokens)
         if variant.startswith("eager"):
@@ -224,7 +233,7 @@ def measure_one(spec, variant, batch, prompt, args, device, timer, roof, with_pr
             decode_ms=step_s * 1e3, decode_floor_ms=floor_s * 1e3, decode_bw_frac=floor_s / step_s,
             decode_tb_s=bytes_per_step / step_s / 1e12,
         )
-        if with_prefill:
+        if with_prefill and batch * prompt <= args.prefill_max_tokens:
             first = timer(engine.prefill)  # setup already ran one prefill: this one is warm
             reps = min(5, int(2.0 / max(first, 1e-6)))
             prefill_s = timer.median(engine.prefill, reps) if reps >= 1 else first
@@ -269,13 +278,14 @@ def render(rows: list[dict], env: dict, roof: dict, args, elapsed_s: float) -> t
         "- prefill floor = max(ModelSpec.prefill_cost FLOPs / GEMM rate, bytes / copy bandwidth); vs floor = measured / floor",
         f"- wall time of this run: {elapsed_s:.0f} s",
         "",
-        "| model | variant | batch | prompt | decode ms/step | floor ms | bw frac | TB/s | prefill ms | floor ms | vs floor | bound | build s | compile s | capture s | attention | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | variant | batch | prompt | decode ms/step | floor ms | bw frac | TB/s | prefill ms | floor ms | vs floor | bound | pf graph | build s | 1st prefill s | compile s | capture s | attention | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cells = [r["model"], r["variant"], r["batch"], r["prompt"], fmt(r.get("decode_ms")), fmt(r.get("decode_floor_ms")),
                  fmt(r.get("decode_bw_frac"), 2), fmt(r.get("decode_tb_s")), fmt(r.get("prefill_ms")), fmt(r.get("prefill_floor_ms")),
-                 fmt(r.get("prefill_vs_floor"), 2), r.get("prefill_bound", ""), fmt(r.get("build_s"), 2), fmt(r.get("compile_s"), 2),
+                 fmt(r.get("prefill_vs_floor"), 2), r.get("prefill_bound", ""), fmt(r.get("prefill_graph")), fmt(r.get("build_s"), 2),
+                 fmt(r.get("prefill_first_s"), 2), fmt(r.get("compile_s"), 2),
                  fmt(r.get("capture_s"), 2), r.get("decode_attention") or "", r["status"]]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n", buf.getvalue()
@@ -352,20 +362,24 @@ def plan(specs: list[ModelSpec], args) -> list[tuple]:
     the smallest batch (the targets), then the compare variants, then the larger batches.
     A +sdpa/+matmul variant runs only for models with that choice and not as their default."""
     main, compare = names(args.variants), [v for v in names(args.compare) if v not in names(args.variants)]
-    batches, prompts = sorted(ints(args.batches)), sorted(ints(args.prompts))
+    batches, prompts = ints(args.batches), sorted(ints(args.prompts))
     first = [(s, v, batches[0], p, i == 0) for s in specs for p in prompts for i, v in enumerate(main)]
     points = [(b, p) for b in ints(args.compare_batches) for p in ints(args.compare_prompts)]
-    extra = [(s, v, b, p, False) for b, p in points for s in specs for v in compare if _applies(v, s)]
+    extra = [(s, v, b, p, False) for b, p in points for s in specs for v in compare if _applies(v, s, on_cuda=not args.smoke)]
     rest = [(s, v, b, p, i == 0) for b in batches[1:] for s in specs for p in prompts for i, v in enumerate(main)]
     return first + extra + rest
 
 
-def _applies(variant: str, spec: ModelSpec) -> bool:
+def _applies(variant: str, spec: ModelSpec, on_cuda: bool) -> bool:
+    """Whether a variant is worth a row for this model: a +sdpa/+matmul suffix only where the
+    model has that choice and it is not what the engine picks on this device anyway."""
     attention = variant.partition("+")[2]
     if not attention:
         return True
     cls = model_class(spec.arch)
-    return hasattr(cls, "set_decode_attention") and attention != getattr(cls, "default_decode_attention", None)
+    default = getattr(cls, "cuda_decode_attention", None) if on_cuda else None
+    default = default or getattr(cls, "default_decode_attention", None)
+    return hasattr(cls, "set_decode_attention") and attention != default
 
 
 if __name__ == "__main__":
