@@ -7,9 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from _reference import assert_matches_cached_reference, assert_prefill_needs_caches_for_its_batch, loaded
 from phasewatt.errors import ConfigError
 from phasewatt.models import recurrent
-from phasewatt.models.loader import CheckpointError, load_checkpoint
+from phasewatt.models.loader import CheckpointError
 from phasewatt.models.gdn import GatedDeltaNetModel
 from phasewatt.models.registry import build_model
 from phasewatt.models.spec import ModelSpec
@@ -50,58 +51,17 @@ def reference_model(spec: ModelSpec):
     return model
 
 
-def reference_run(model, prompt: torch.Tensor):
-    """Logits of every prompt position, then greedy decode through the reference's own cache."""
-    length = prompt.shape[1]
-    with torch.no_grad():
-        out = model(prompt, use_cache=True, position_ids=torch.arange(length)[None], attention_mask=NO_MASKS)
-        prefill_logits, cache = out.logits, out.cache
-        token = prefill_logits[:, -1].argmax(-1)
-        steps, tokens = [], []
-        for i in range(DECODE_STEPS):
-            tokens.append(token)
-            out = model(token[:, None], cache=cache, use_cache=True,
-                        position_ids=torch.tensor([[length + i]]), attention_mask=NO_MASKS)
-            cache = out.cache
-            steps.append(out.logits[:, 0])
-            token = out.logits[:, 0].argmax(-1)
-    return prefill_logits, torch.stack(steps, 1), torch.stack(tokens, 1)
-
-
-def our_run(model, prompt: torch.Tensor):
-    model.setup_caches(prompt.shape[0], prompt.shape[1] + DECODE_STEPS)
-    prefill_logits = model.prefill(prompt, all_logits=True)
-    token = prefill_logits[:, -1].argmax(-1)
-    steps, tokens = [], []
-    for i in range(DECODE_STEPS):
-        tokens.append(token)
-        logits = model.decode(token, torch.tensor([prompt.shape[1] + i]))
-        steps.append(logits)
-        token = logits.argmax(-1)
-    return prefill_logits, torch.stack(steps, 1), torch.stack(tokens, 1)
-
-
-def load_saved(spec: ModelSpec, path) -> GatedDeltaNetModel:
-    model = GatedDeltaNetModel(spec)
-    load_checkpoint(model, path)
-    return model
-
-
 @pytest.mark.parametrize("n_v_heads,tied", [(2, False), (4, True)], ids=["heads-equal", "grouped-values-tied"])
 def test_matches_qwen3next_reference(tmp_path, n_v_heads, tied):
     spec = tiny_spec(n_v_heads, tied)
     reference = reference_model(spec)
     reference.save_pretrained(tmp_path)
-    ours = load_saved(spec, tmp_path)
+    ours = loaded(GatedDeltaNetModel(spec), tmp_path)
     prompt = torch.randint(0, spec.vocab_size, (2, PROMPT_LEN), generator=torch.Generator().manual_seed(2))
-
-    ref_prefill, ref_steps, ref_tokens = reference_run(reference, prompt)
-    our_prefill, our_steps, our_tokens = our_run(ours, prompt)
-
-    assert ref_prefill.std() > 0.3, "reference logits too flat for the comparison to mean anything"
-    torch.testing.assert_close(our_prefill, ref_prefill, atol=ATOL, rtol=0)
-    torch.testing.assert_close(our_steps, ref_steps, atol=ATOL, rtol=0)
-    assert torch.equal(our_tokens, ref_tokens)
+    assert_matches_cached_reference(
+        ours, reference, prompt, DECODE_STEPS, ATOL,
+        call_kwargs=lambda position_ids: {"position_ids": position_ids, "attention_mask": NO_MASKS},
+    )
 
 
 def test_random_model_decode_continues_prefill():
@@ -174,10 +134,6 @@ def test_bad_value_heads_and_batch_are_refused():
     with pytest.raises(ConfigError, match="models.tiny-gdn.n_v_heads: 3; allowed: a positive multiple of n_heads=2"):
         GatedDeltaNetModel(tiny_spec(3, False))
     model = GatedDeltaNetModel(tiny_spec(2, False))
-    with pytest.raises(RuntimeError, match="setup_caches"):
-        model.prefill(torch.zeros(2, 4, dtype=torch.long))
-    model.setup_caches(2, 8)
-    with pytest.raises(ValueError, match="states hold batch 2; asked for batch 1"):
-        model.prefill(torch.zeros(1, 4, dtype=torch.long))
+    assert_prefill_needs_caches_for_its_batch(model, 1, "states hold batch 2; asked for batch 1")
     with pytest.raises(ValueError, match="prefill_backend 'cuda'"):
         model.prefill_backend = "cuda"

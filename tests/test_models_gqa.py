@@ -7,6 +7,12 @@ import json
 import pytest
 import torch
 
+from _reference import (
+    assert_decode_steps_agree,
+    assert_matches_recomputed_reference,
+    assert_prefill_needs_caches_for_its_batch,
+    greedy_against_recomputed_reference,
+)
 from phasewatt.errors import ConfigError
 from phasewatt.models.gqa import GQAModel
 from phasewatt.models.loader import CheckpointError, load_checkpoint
@@ -58,33 +64,10 @@ def ours_for(name: str, path) -> GQAModel:
     return model.eval()
 
 
-def greedy_against_reference(ours, ref, prompt):
-    """Prefill then STEPS greedy decode steps on ours; the reference recomputes the whole
-    sequence each step. Returns (prefill max |diff|, decode max |diff|, our tokens, theirs)."""
-    with torch.no_grad():
-        ours.setup_caches(prompt.shape[0], prompt.shape[1] + STEPS)
-        logits = ours.prefill(prompt, all_logits=True)
-        prefill_diff = (logits - ref(prompt).logits).abs().max().item()
-        seq, ours_next, decode_diff, ours_tokens, ref_tokens = prompt, logits[:, -1].argmax(-1), 0.0, [], []
-        for step in range(STEPS):
-            seq = torch.cat([seq, ours_next[:, None]], dim=1)
-            step_logits = ours.decode(ours_next, torch.tensor([prompt.shape[1] + step]))
-            ref_logits = ref(seq).logits[:, -1]
-            decode_diff = max(decode_diff, (step_logits - ref_logits).abs().max().item())
-            ours_next = step_logits.argmax(-1)
-            ours_tokens.append(ours_next)
-            ref_tokens.append(ref_logits.argmax(-1))
-    return prefill_diff, decode_diff, torch.stack(ours_tokens, 1), torch.stack(ref_tokens, 1)
-
-
 def test_prefill_and_decode_match_reference(reference):
     name, ref, path = reference
     prompt = torch.randint(0, VOCAB, (BATCH, PROMPT), generator=torch.Generator().manual_seed(1))
-    prefill_diff, decode_diff, ours_tokens, ref_tokens = greedy_against_reference(ours_for(name, path), ref, prompt)
-    assert prefill_diff < ATOL
-    assert decode_diff < ATOL
-    assert torch.equal(ours_tokens, ref_tokens)
-    assert len(set(ours_tokens.flatten().tolist())) > 1  # a degenerate model would prove nothing
+    assert_matches_recomputed_reference(ours_for(name, path), ref, prompt, STEPS, ATOL)
 
 
 def test_wrong_rope_theta_is_caught(reference):
@@ -94,7 +77,7 @@ def test_wrong_rope_theta_is_caught(reference):
     model = GQAModel(tiny_spec(qk_norm, tied, theta * 0.01))
     load_checkpoint(model, path)
     prompt = torch.randint(0, VOCAB, (1, PROMPT), generator=torch.Generator().manual_seed(2))
-    prefill_diff, _, _, _ = greedy_against_reference(model, ref, prompt)
+    prefill_diff, _, _, _ = greedy_against_recomputed_reference(model, ref, prompt, STEPS)
     assert prefill_diff > 1e-3
 
 
@@ -105,16 +88,7 @@ def test_regional_compile_traces_each_layer_as_one_graph(reference):
     eager, compiled = ours_for(name, path), ours_for(name, path)
     compiled.compile_decode(backend="aot_eager")
     prompt = torch.randint(0, VOCAB, (BATCH, PROMPT), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        for model in (eager, compiled):
-            model.setup_caches(BATCH, PROMPT + 2)
-            model.prefill(prompt)
-        tokens = prompt[:, -1]
-        for step in range(2):
-            pos = torch.tensor([PROMPT + step])
-            expected, got = eager.decode(tokens, pos), compiled.decode(tokens, pos)
-            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-            tokens = expected.argmax(-1)
+    assert_decode_steps_agree(eager, compiled, prompt)
 
 
 def test_sharded_checkpoint_loads(reference, tmp_path):
@@ -135,11 +109,7 @@ def test_cache_is_kv_heads_only():
 
 def test_batch_or_length_beyond_the_caches_is_refused():
     model = GQAModel(tiny_spec(False, False, 1e4))
-    with pytest.raises(RuntimeError, match="setup_caches"):
-        model.prefill(torch.zeros(1, 4, dtype=torch.long))
-    model.setup_caches(2, 8)
-    with pytest.raises(ValueError, match="batch 2"):
-        model.prefill(torch.zeros(3, 4, dtype=torch.long))
+    assert_prefill_needs_caches_for_its_batch(model, 3, "batch 2")
     with pytest.raises(ValueError, match="x 9"):
         model.prefill(torch.zeros(2, 9, dtype=torch.long))
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from _reference import assert_matches_cached_reference, loaded
 from phasewatt.errors import ConfigError
-from phasewatt.models.loader import CheckpointError, load_checkpoint
+from phasewatt.models.loader import CheckpointError
 from phasewatt.models.mamba2 import Mamba2Model
 from phasewatt.models.registry import build_model
 from phasewatt.models.spec import ModelSpec
@@ -47,41 +48,6 @@ def reference_model(spec: ModelSpec):
     return model
 
 
-def reference_run(model, prompt: torch.Tensor):
-    """Logits of every prompt position, then greedy decode through the reference's own cache."""
-    with torch.no_grad():
-        out = model(prompt, use_cache=True)
-        prefill_logits, cache = out.logits, out.cache
-        token = prefill_logits[:, -1].argmax(-1)
-        steps, tokens = [], []
-        for _ in range(DECODE_STEPS):
-            tokens.append(token)
-            out = model(token[:, None], cache=cache, use_cache=True)
-            cache = out.cache
-            steps.append(out.logits[:, 0])
-            token = out.logits[:, 0].argmax(-1)
-    return prefill_logits, torch.stack(steps, 1), torch.stack(tokens, 1)
-
-
-def our_run(model, prompt: torch.Tensor):
-    model.setup_caches(prompt.shape[0], prompt.shape[1] + DECODE_STEPS)
-    prefill_logits = model.prefill(prompt, all_logits=True)
-    token = prefill_logits[:, -1].argmax(-1)
-    steps, tokens = [], []
-    for i in range(DECODE_STEPS):
-        tokens.append(token)
-        logits = model.decode(token, torch.tensor([prompt.shape[1] + i]))
-        steps.append(logits)
-        token = logits.argmax(-1)
-    return prefill_logits, torch.stack(steps, 1), torch.stack(tokens, 1)
-
-
-def load_saved(spec: ModelSpec, path) -> Mamba2Model:
-    model = Mamba2Model(spec)
-    load_checkpoint(model, path)
-    return model
-
-
 def prompt_of(spec: ModelSpec, batch: int, length: int, seed: int) -> torch.Tensor:
     return torch.randint(0, spec.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
 
@@ -91,16 +57,8 @@ def test_matches_mamba2_reference(tmp_path, tied):
     spec = tiny_spec(tied)
     reference = reference_model(spec)
     reference.save_pretrained(tmp_path)
-    ours = load_saved(spec, tmp_path)
-    prompt = prompt_of(spec, 2, PROMPT_LEN, 2)
-
-    ref_prefill, ref_steps, ref_tokens = reference_run(reference, prompt)
-    our_prefill, our_steps, our_tokens = our_run(ours, prompt)
-
-    assert ref_prefill.std() > 0.3, "reference logits too flat for the comparison to mean anything"
-    torch.testing.assert_close(our_prefill, ref_prefill, atol=ATOL, rtol=0)
-    torch.testing.assert_close(our_steps, ref_steps, atol=ATOL, rtol=0)
-    assert torch.equal(our_tokens, ref_tokens)
+    ours = loaded(Mamba2Model(spec), tmp_path)
+    assert_matches_cached_reference(ours, reference, prompt_of(spec, 2, PROMPT_LEN, 2), DECODE_STEPS, ATOL)
 
 
 def test_time_step_limit_matches_reference_prefill(tmp_path):
@@ -111,10 +69,10 @@ def test_time_step_limit_matches_reference_prefill(tmp_path):
     prompt = prompt_of(spec, 1, 20, 3)
     with torch.no_grad():
         expected = reference(prompt).logits
-    ours = load_saved(spec, tmp_path)
+    ours = loaded(Mamba2Model(spec), tmp_path)
     ours.setup_caches(1, 20)
     torch.testing.assert_close(ours.prefill(prompt, all_logits=True), expected, atol=ATOL, rtol=0)
-    unlimited = load_saved(tiny_spec(False), tmp_path)
+    unlimited = loaded(Mamba2Model(tiny_spec(False)), tmp_path)
     unlimited.setup_caches(1, 20)
     assert (unlimited.prefill(prompt, all_logits=True) - expected).abs().max() > 1e-2
 

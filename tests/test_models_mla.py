@@ -5,6 +5,7 @@ weights through our loader: prefill logits, 16 absorbed decode steps, greedy tok
 import pytest
 import torch
 
+from _reference import assert_decode_steps_agree, assert_matches_recomputed_reference, greedy_against_recomputed_reference
 from phasewatt.errors import ConfigError
 from phasewatt.models.loader import CheckpointError, load_checkpoint, read_safetensors_dir
 from phasewatt.models.mla import MLAModel
@@ -61,32 +62,10 @@ def ours_for(name: str, path, **extra_over) -> MLAModel:
     return model.eval()
 
 
-def run_both(ours, ref, prompt):
-    """Prefill + STEPS greedy steps on ours (absorbed decode) against full recomputation."""
-    with torch.no_grad():
-        ours.setup_caches(prompt.shape[0], prompt.shape[1] + STEPS)
-        logits = ours.prefill(prompt, all_logits=True)
-        prefill_diff = (logits - ref(prompt).logits).abs().max().item()
-        seq, nxt, decode_diff, ours_tokens, ref_tokens = prompt, logits[:, -1].argmax(-1), 0.0, [], []
-        for step in range(STEPS):
-            seq = torch.cat([seq, nxt[:, None]], dim=1)
-            step_logits = ours.decode(nxt, torch.tensor([prompt.shape[1] + step]))
-            ref_logits = ref(seq).logits[:, -1]
-            decode_diff = max(decode_diff, (step_logits - ref_logits).abs().max().item())
-            nxt = step_logits.argmax(-1)
-            ours_tokens.append(nxt)
-            ref_tokens.append(ref_logits.argmax(-1))
-    return prefill_diff, decode_diff, torch.stack(ours_tokens, 1), torch.stack(ref_tokens, 1)
-
-
 def test_prefill_and_absorbed_decode_match_reference(reference):
     name, ref, path = reference
     prompt = torch.randint(0, SHAPES["vocab_size"], (BATCH, PROMPT), generator=torch.Generator().manual_seed(1))
-    prefill_diff, decode_diff, ours_tokens, ref_tokens = run_both(ours_for(name, path), ref, prompt)
-    assert prefill_diff < ATOL
-    assert decode_diff < ATOL
-    assert torch.equal(ours_tokens, ref_tokens)
-    assert len(set(ours_tokens.flatten().tolist())) > 1
+    assert_matches_recomputed_reference(ours_for(name, path), ref, prompt, STEPS, ATOL)
 
 
 def test_the_other_rope_layout_is_caught(reference):
@@ -94,7 +73,8 @@ def test_the_other_rope_layout_is_caught(reference):
     name, ref, path = reference
     interleaved = REFERENCES[name][3].get("rope_interleaved", False)
     prompt = torch.randint(0, SHAPES["vocab_size"], (1, PROMPT), generator=torch.Generator().manual_seed(2))
-    prefill_diff, _, _, _ = run_both(ours_for(name, path, rope_interleaved=not interleaved), ref, prompt)
+    swapped = ours_for(name, path, rope_interleaved=not interleaved)
+    prefill_diff, _, _, _ = greedy_against_recomputed_reference(swapped, ref, prompt, STEPS)
     assert prefill_diff > 1e-3
 
 
@@ -109,16 +89,7 @@ def test_regional_compile_traces_each_layer_as_one_graph(reference):
     eager, compiled = ours_for(name, path), ours_for(name, path)
     compiled.compile_decode(backend="aot_eager")
     prompt = torch.randint(0, SHAPES["vocab_size"], (BATCH, PROMPT), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        for model in (eager, compiled):
-            model.setup_caches(BATCH, PROMPT + 2)
-            model.prefill(prompt)
-        tokens = prompt[:, -1]
-        for step in range(2):
-            pos = torch.tensor([PROMPT + step])
-            expected, got = eager.decode(tokens, pos), compiled.decode(tokens, pos)
-            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-            tokens = expected.argmax(-1)
+    assert_decode_steps_agree(eager, compiled, prompt)
 
 
 def test_minicpm3_scales_must_agree_with_a_stored_embed_scale(reference):

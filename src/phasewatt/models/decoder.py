@@ -75,6 +75,22 @@ class DecoderModel(nn.Module):
         self.register_buffer("rope_sin", torch.empty(0, device=device), persistent=False)
         self.register_buffer("positions", torch.empty(0, device=device, dtype=torch.long), persistent=False)
 
+    def copy_hf_mlp(self, src, layer: nn.Module, prefix: str) -> None:
+        """The post-attention norm and SwiGLU MLP of one layer, named as in Llama-style
+        checkpoints (model.layers.{i}.post_attention_layernorm, mlp.{gate,up,down}_proj);
+        `src` is a loader.HFTensors."""
+        src.copy_into(layer.mlp_norm.weight, prefix + "post_attention_layernorm.weight")
+        src.copy_into(layer.mlp.gate_up.weight, prefix + "mlp.gate_proj.weight", prefix + "mlp.up_proj.weight")
+        src.copy_into(layer.mlp.down.weight, prefix + "mlp.down_proj.weight")
+
+    def copy_hf_head(self, src) -> None:
+        """The final norm and, unless tied to the embedding, lm_head."""
+        src.copy_into(self.head.norm.weight, "model.norm.weight")
+        if not self.spec.tied_embeddings:
+            src.copy_into(self.head.lm_head.weight, "lm_head.weight")
+        elif src.has("lm_head.weight"):
+            src.take("lm_head.weight")  # a tied checkpoint may store the shared matrix twice
+
     @property
     def device(self) -> torch.device:
         return self.embed.weight.device

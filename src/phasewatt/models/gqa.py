@@ -106,12 +106,6 @@ class GQAModel(DecoderModel):
                 src.copy_into(layer.q_norm.weight, p + "self_attn.q_norm.weight")
                 src.copy_into(layer.k_norm.weight, p + "self_attn.k_norm.weight")
             src.copy_into(layer.o.weight, p + "self_attn.o_proj.weight")
-            src.copy_into(layer.mlp_norm.weight, p + "post_attention_layernorm.weight")
-            src.copy_into(layer.mlp.gate_up.weight, p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
-            src.copy_into(layer.mlp.down.weight, p + "mlp.down_proj.weight")
-        src.copy_into(self.head.norm.weight, "model.norm.weight")
-        if not self.spec.tied_embeddings:
-            src.copy_into(self.head.lm_head.weight, "lm_head.weight")
-        elif src.has("lm_head.weight"):
-            src.take("lm_head.weight")  # a tied checkpoint may store the shared matrix twice
+            self.copy_hf_mlp(src, layer, p)
+        self.copy_hf_head(src)
         src.finish()
