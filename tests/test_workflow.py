@@ -93,3 +93,17 @@ def test_infeasible_runs_are_results_and_skipped_downstream(tmp_path):
     assert sorted(status["status"]) == ["infeasible", "ok"]
     measurements = pd.read_parquet(tmp_path / "results" / "measurements.parquet")
     assert set(measurements["batch"]) == {1}
+
+
+def test_report_holds_every_figure_and_table_with_simulated_captions(finished_run):
+    workdir, _ = finished_run
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(workdir), "--report", "report.html"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    html = (workdir / "report.html").read_text(errors="replace")
+    assert "computed by phasewatt's GPU simulator" in html  # the SIMULATED sentence of every caption
+    for name in ["pareto_gqa.png", "timeline_mamba2.png", "roofline_decode.png", "savings.md", "dvfs_classes.md"]:
+        assert name in html, name
