@@ -17,7 +17,7 @@ import jsonschema
 import yaml
 
 from phasewatt.errors import ConfigError
-from phasewatt.gpu.dvfs import DvfsSetting, parse_dvfs
+from phasewatt.gpu.dvfs import parse_dvfs
 from phasewatt.gpu.specs import gpu_spec
 from phasewatt.models.spec import ModelSpec
 
@@ -136,10 +136,6 @@ def jobs(config: dict) -> list[Job]:
 
 def model_spec(config: dict, name: str) -> ModelSpec:
     return ModelSpec.from_config(name, config["models"][name])
-
-
-def dvfs_setting(config: dict, token: str) -> DvfsSetting:
-    return parse_dvfs(token, gpu_spec(config["gpu"]))
 
 
 def exit_on_error(func, *args, **kwargs):

@@ -46,10 +46,6 @@ def write_csv(path: str | os.PathLike, frame) -> None:
         frame.to_csv(tmp, index=False)
 
 
-def read_json(path: str | os.PathLike):
-    return json.loads(Path(path).read_text())
-
-
 def _json_default(value):
     if hasattr(value, "item"):
         return value.item()

@@ -28,7 +28,6 @@ STAMP_BAND_IN = 0.2
 # Colour-blind-safe (Okabe-Ito), one per model in config order.
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
 MARKERS = {"default": "*", "power_cap": "o", "clock_lock": "s"}
-FAMILY_LABELS = {"default": "default", "power_cap": "power cap (pl)", "clock_lock": "SM clock lock (sm)"}
 FAMILY_COLORS = {"default": "#000000", "power_cap": "#D55E00", "clock_lock": "#0072B2"}
 PHASE_COLORS = {"prefill": "#E69F00", "decode": "#56B4E9"}
 # Marker per prompt length position in the grid (first, second, ... length).

@@ -46,9 +46,6 @@ def _table() -> dict:
     return yaml.safe_load(resources.files("phasewatt.gpu").joinpath("specs.yaml").read_text())
 
 
-def gpu_names() -> list[str]:
-    return sorted(_table())
-
 
 def gpu_spec(key: str) -> GpuSpec:
     table = _table()
@@ -59,10 +56,3 @@ def gpu_spec(key: str) -> GpuSpec:
     sources = {k: v["source"] for k, v in entry.items() if isinstance(v, dict)}
     return GpuSpec(key=key, name=entry["name"], values=values, sources=sources)
 
-
-def spec_for_device_name(device_name: str) -> GpuSpec | None:
-    """The spec whose key appears in an NVML device name (e.g. 'NVIDIA H200' -> H200)."""
-    for key in sorted(_table(), key=len, reverse=True):
-        if key.lower() in device_name.lower():
-            return gpu_spec(key)
-    return None

@@ -38,11 +38,12 @@ def repeats_for(seconds_per_run: float, min_window_s: float) -> int:
     return max(1, math.ceil(min_window_s / seconds_per_run))
 
 
-def _timed(gpu, engine, action) -> tuple[float, int]:
+def _timed(gpu, engine, action) -> float:
+    """Seconds of one synchronised run of `action` (warm-up timing sizes the windows)."""
     t0 = gpu.now()
-    tokens = action()
+    action()
     engine.synchronize()
-    return gpu.now() - t0, tokens
+    return gpu.now() - t0
 
 
 def measure(engine, gpu, settings: MeasureSettings, requested_sm_clock_mhz: int | None = None) -> dict:
@@ -55,13 +56,13 @@ def measure(engine, gpu, settings: MeasureSettings, requested_sm_clock_mhz: int 
         # Warm up first (clocks ramp, graphs and allocator settle), then idle at this setting.
         prefill_s, decode_s = [], []
         for _ in range(settings.warmups):
-            seconds, _ = _timed(gpu, engine, engine.prefill)
+            seconds = _timed(gpu, engine, engine.prefill)
             prefill_s.append(seconds)
-            seconds, _ = _timed(gpu, engine, lambda: engine.decode(n))
+            seconds = _timed(gpu, engine, lambda: engine.decode(n))
             decode_s.append(seconds)
         if not prefill_s:  # no warm-up asked: time one unmeasured iteration to size windows
-            prefill_s.append(_timed(gpu, engine, engine.prefill)[0])
-            decode_s.append(_timed(gpu, engine, lambda: engine.decode(n))[0])
+            prefill_s.append(_timed(gpu, engine, engine.prefill))
+            decode_s.append(_timed(gpu, engine, lambda: engine.decode(n)))
         idle = meter.measure_idle(settings.idle_s)
         prefill_repeats = repeats_for(min(prefill_s), settings.min_window_s)
         decode_repeats = repeats_for(min(decode_s), settings.min_window_s)

@@ -8,7 +8,6 @@ import platform
 import zlib
 import socket
 import time
-from pathlib import Path
 
 import pandas as pd
 
@@ -25,8 +24,7 @@ from phasewatt.measure.harness import MeasureSettings, measure
 RECORD_VERSION = 1
 
 
-def _base_record(config: dict, job: Job, device: str, engine: str, gpu) -> dict:
-    spec = model_spec(config, job.model)
+def _base_record(config: dict, job: Job, device: str, engine: str, gpu, spec) -> dict:
     return {
         "record_version": RECORD_VERSION,
         "phasewatt_version": __version__,
@@ -99,8 +97,8 @@ def _measure_on(config: dict, job: Job, record_path, trace_path, journal_dir, gp
         supported_clocks=gpu.supported_sm_clocks_mhz(),
         power_range=gpu.power_limit_constraints_w(),
     )
-    record = _base_record(config, job, device, engine_name, gpu)
     spec = model_spec(config, job.model)
+    record = _base_record(config, job, device, engine_name, gpu, spec)
     need = spec.memory_bytes(job.batch, job.seqlen + int(config["decode_tokens"]))
     have = gpu.memory_total_bytes()
     trace = pd.DataFrame(columns=TRACE_COLUMNS)

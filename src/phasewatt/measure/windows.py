@@ -13,7 +13,7 @@ integrated over the same window as an independent estimate.
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -51,7 +51,6 @@ class Window:
     t_end_s: float
     counter_stale: bool = False
     sim_true_energy_j_total: float | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def time_s(self) -> float:
@@ -63,7 +62,6 @@ class Window:
 
     def as_record(self, t_origin: float) -> dict:
         out = asdict(self)
-        out.pop("extra")
         out["t_begin_s"] = self.t_begin_s - t_origin
         out["t_end_s"] = self.t_end_s - t_origin
         out["time_s"] = self.time_s
@@ -80,7 +78,6 @@ class Window:
             out["sim_true_joules"] = self.sim_true_energy_j_total / self.repeats
         else:
             out.pop("sim_true_energy_j_total")
-        out.update(self.extra)
         return out
 
 
