@@ -1,0 +1,358 @@
+"""The decode GEMV's dispatch, CPU numerics, tuned-config lookup and the native engine's
+gemv_max_rows option, without a GPU (the kernel itself: test_gemv_gpu.py).
+
+Dispatch is read from what torch.compile traces (a backend that records the FX graph's call
+targets) and, eagerly, from a dispatch mode that records every op called."""
+
+import json
+import math
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from phasewatt.engines.native import NativeEngine
+from phasewatt.errors import ConfigError
+from phasewatt.models import gemv
+from phasewatt.models.registry import build_model
+from phasewatt.models.spec import ModelSpec
+
+TINY = {
+    "gqa": dict(arch="gqa", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=96, vocab_size=128, qk_norm=True, tied_embeddings=True),
+    "mla": dict(arch="mla", n_layers=2, d_model=64, n_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12, d_ff=96, vocab_size=128),
+    "gdn": dict(arch="gdn", n_layers=2, d_model=64, n_heads=2, head_dim=16, expand_v=2, conv_size=4, d_ff=96, vocab_size=128),
+    "mamba2": dict(arch="mamba2", n_layers=2, d_model=64, d_state=16, head_dim=16, expand=2, n_groups=1, conv_size=4, chunk_size=8, vocab_size=128, tied_embeddings=True),
+}
+LAYERS = 2
+# Matrix products of one decode step per layer: gqa qkv, o, gate_up, down; mla a_proj, q_b_proj,
+# o, gate_up, down (kv_b_proj is absorbed); gdn in_proj, out_proj, gate_up, down; mamba2
+# in_proj, out_proj. Plus one for the head.
+DECODE_PRODUCTS_PER_LAYER = {"gqa": 4, "mla": 5, "gdn": 4, "mamba2": 2}
+RECURRENT = ("gdn", "mamba2")
+GEMV_TARGETS = (torch.ops.phasewatt.gemv, torch.ops.phasewatt.gemv.default)
+GEMV_OP = torch.ops.phasewatt.gemv.default
+
+
+def tiny_model(arch: str, tied: bool | None = None):
+    entry = dict(TINY[arch])
+    if tied is not None:
+        entry["tied_embeddings"] = tied
+    spec = ModelSpec.from_config(f"tiny-{arch}", entry)
+    return build_model(spec, device="cpu", dtype=torch.float32, seed=5).eval().requires_grad_(False)
+
+
+def decode_products(arch: str) -> int:
+    return DECODE_PRODUCTS_PER_LAYER[arch] * LAYERS + 1
+
+
+class OpCalls(TorchDispatchMode):
+    """Records every op called eagerly inside the `with`."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, arg_types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+    def count(self, op) -> int:
+        return sum(1 for f in self.ops if f is op)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def traced_targets(fn, *args) -> list:
+    """The call targets of the single FX graph torch.compile(fullgraph=True) traces for fn."""
+    torch._dynamo.reset()
+    targets = []
+
+    def record(gm, example_inputs):
+        targets.extend(node.target for node in gm.graph.nodes)
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(fn, backend=record, fullgraph=True)(*args)
+    return targets
+
+
+def traced_decode(model, batch: int) -> tuple[int, int]:
+    """(GEMV op calls, F.linear calls) in the traced decode step at `batch`."""
+    model.setup_caches(batch, 8)
+    targets = traced_targets(model.decode, torch.zeros(batch, dtype=torch.long), torch.tensor([3]))
+    return sum(t in GEMV_TARGETS for t in targets), sum(t is F.linear for t in targets)
+
+
+# ----- dispatch in the traced decode step -------------------------------------------------------
+@pytest.mark.parametrize("arch,tied", [("gqa", True), ("mla", False), ("gdn", False), ("gdn", True), ("mamba2", True), ("mamba2", False)])
+def test_traced_decode_uses_the_op_only_within_max_rows(arch, tied, fresh_dynamo):
+    model = tiny_model(arch, tied)
+    products = decode_products(arch)
+    gemv.use_gemv(model, 1)
+    assert traced_decode(model, 1) == (products, 0)
+    assert traced_decode(model, 2) == (0, products)  # 2 rows > max_rows: F.linear (cuBLAS)
+    gemv.use_gemv(model, 0)
+    assert traced_decode(model, 1) == (0, products)
+
+
+def test_tied_recurrent_head_follows_the_model_attribute(fresh_dynamo):
+    """A tied mamba2 head has no Linear module: it reads model.gemv_max_rows, which use_gemv sets."""
+    model = tiny_model("mamba2", tied=True)
+    assert model.lm_head is None
+    h = torch.randn(1, TINY["mamba2"]["d_model"])
+    assert gemv.use_gemv(model, 1) == DECODE_PRODUCTS_PER_LAYER["mamba2"] * LAYERS  # the head is not a Linear
+    assert model.gemv_max_rows == 1
+    targets = traced_targets(model.logits, h)
+    assert sum(t in GEMV_TARGETS for t in targets) == 1
+    gemv.use_gemv(model, 0)
+    assert model.gemv_max_rows == 0
+    targets = traced_targets(model.logits, h)
+    assert sum(t in GEMV_TARGETS for t in targets) == 0 and sum(t is F.linear for t in targets) == 1
+
+
+# ----- numerics of the CPU path -----------------------------------------------------------------
+def greedy_run(model, prompt: torch.Tensor, steps: int):
+    """Prefill logits at every position and `steps` greedy decode steps' logits, and how many
+    times the GEMV op ran."""
+    with torch.no_grad(), OpCalls() as calls:
+        model.setup_caches(prompt.shape[0], prompt.shape[1] + steps)
+        prefill = model.prefill(prompt, all_logits=True)
+        token = prefill[:, -1].argmax(-1)
+        step_logits = []
+        for i in range(steps):
+            logits = model.decode(token, torch.tensor([prompt.shape[1] + i]))
+            step_logits.append(logits)
+            token = logits.argmax(-1)
+    return prefill, torch.stack(step_logits, 1), calls.count(GEMV_OP)
+
+
+@pytest.mark.parametrize("arch", sorted(TINY))
+@pytest.mark.parametrize("batch,prompt_len", [(1, 5), (2, 9)])
+def test_op_path_gives_the_same_logits(arch, batch, prompt_len):
+    """(1, 5): the prefill's 5 rows go through the op too; (2, 9): only the decode steps do."""
+    model = tiny_model(arch)
+    prompt = torch.randint(0, TINY[arch]["vocab_size"], (batch, prompt_len), generator=torch.Generator().manual_seed(batch))
+    gemv.use_gemv(model, 8)
+    prefill_op, steps_op, op_calls = greedy_run(model, prompt, 4)
+    gemv.use_gemv(model, 0)
+    prefill_ref, steps_ref, ref_calls = greedy_run(model, prompt, 4)
+    assert ref_calls == 0
+    assert op_calls >= 4 * decode_products(arch)
+    assert steps_ref.std() > 0.01, "logits too flat for the comparison to mean anything"
+    torch.testing.assert_close(prefill_op, prefill_ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(steps_op, steps_ref, rtol=0, atol=1e-6)
+
+
+# ----- linear, Linear and the op ----------------------------------------------------------------
+def test_linear_counts_rows_over_leading_dims_and_adds_bias():
+    gen = torch.Generator().manual_seed(0)
+    x, weight, bias = (torch.randn(*shape, generator=gen) for shape in ((2, 3, 16), (5, 16), (5,)))
+    expected = F.linear(x, weight, bias)
+    for max_rows, op_calls in ((6, 1), (8, 1), (5, 0), (0, 0)):  # [2, 3, K] is 6 rows
+        with OpCalls() as calls:
+            y = gemv.linear(x, weight, bias, gemv_max_rows=max_rows)
+        assert calls.count(GEMV_OP) == op_calls, max_rows
+        assert y.shape == (2, 3, 5)
+        torch.testing.assert_close(y, expected, rtol=0, atol=1e-6)
+    without_bias = gemv.linear(x, weight, None, gemv_max_rows=6)
+    torch.testing.assert_close(without_bias, F.linear(x, weight), rtol=0, atol=1e-6)
+    assert (y - without_bias - bias).abs().max() < 1e-6
+
+
+def test_linear_module_with_bias_through_the_op():
+    layer = gemv.Linear(16, 5, bias=True)
+    assert layer.gemv_max_rows == 0
+    assert gemv.use_gemv(layer, 2) == 1 and layer.gemv_max_rows == 2
+    x = torch.randn(2, 16)
+    with torch.no_grad(), OpCalls() as calls:
+        y = layer(x)
+    assert calls.count(GEMV_OP) == 1
+    torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias), rtol=0, atol=1e-6)
+
+
+def test_op_schema_and_fake_shapes():
+    x, weight = torch.randn(2, 3, 16), torch.randn(7, 16)
+    results = torch.library.opcheck(GEMV_OP, (x, weight))
+    assert set(results.values()) == {"SUCCESS"}
+    with torch._subclasses.FakeTensorMode() as mode:
+        y = GEMV_OP(mode.from_tensor(x), mode.from_tensor(weight))
+    assert y.shape == (2, 3, 7) and y.dtype == torch.float32
+
+
+# ----- use_gemv ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch,tied,linears", [
+    ("gqa", True, 4 * LAYERS + 1),  # the tied LMHead is still a Linear (sharing the embedding)
+    ("mla", False, 5 * LAYERS + 1),  # kv_b_proj is a plain nn.Linear
+    ("gdn", False, 4 * LAYERS + 1),
+    ("gdn", True, 4 * LAYERS),
+    ("mamba2", True, 2 * LAYERS),
+])
+def test_use_gemv_sets_every_linear(arch, tied, linears):
+    model = tiny_model(arch, tied)
+    assert gemv.use_gemv(model, 3) == linears
+    ours = [m for m in model.modules() if isinstance(m, gemv.Linear)]
+    assert len(ours) == linears and all(m.gemv_max_rows == 3 for m in ours)
+    assert model.gemv_max_rows == 3
+    plain = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and not isinstance(m, gemv.Linear)]
+    assert all(not hasattr(m, "gemv_max_rows") for m in plain)
+    assert gemv.use_gemv(model, gemv.MAX_ROWS) == linears
+    assert gemv.use_gemv(model, 0) == linears
+    assert all(m.gemv_max_rows == 0 for m in ours) and model.gemv_max_rows == 0
+
+
+@pytest.mark.parametrize("max_rows", [-1, gemv.MAX_ROWS + 1, 100])
+def test_use_gemv_rejects_rows_outside_range(max_rows):
+    model = tiny_model("mamba2")
+    gemv.use_gemv(model, 2)
+    with pytest.raises(ValueError, match=f"0..{gemv.MAX_ROWS}"):
+        gemv.use_gemv(model, max_rows)
+    assert model.gemv_max_rows == 2
+    assert all(m.gemv_max_rows == 2 for m in model.modules() if isinstance(m, gemv.Linear))
+
+
+# ----- tuned config table and the size rule -----------------------------------------------------
+@pytest.fixture
+def config_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(gemv, "CONFIG_DIR", tmp_path)
+    gemv.load_table.cache_clear()
+    yield tmp_path
+    gemv.load_table.cache_clear()
+
+
+TUNED_1 = {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 8, "num_stages": 3}
+TUNED_8 = {"BLOCK_N": 2, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
+
+
+def write_table(path, configs: dict) -> None:
+    path.write_text(json.dumps({"configs": configs}))
+
+
+def test_table_path_names_the_gpu(config_dir):
+    assert gemv.table_path("Fake GPU") == config_dir / "Fake_GPU.json"
+    assert gemv.table_path("NVIDIA H100 80GB HBM3") == config_dir / "NVIDIA_H100_80GB_HBM3.json"
+    assert gemv.table_path("a/b c").parent == config_dir
+
+
+def test_tuned_config_is_read_per_rows_bucket(config_dir):
+    write_table(gemv.table_path("Fake GPU"), {"1,4096,2560": {**TUNED_1, "us": 1.0}})
+    assert gemv.config_for("Fake GPU", 1, 4096, 2560) == TUNED_1  # only CONFIG_KEYS, not the timing
+    assert set(gemv.config_for("Fake GPU", 1, 4096, 2560)) == set(gemv.CONFIG_KEYS)
+    assert gemv.config_key(1, 4096, 2560) != gemv.config_key(8, 4096, 2560)
+    # Not tuned for 8 rows, nor for another shape, nor on another GPU: the size rule.
+    assert gemv.config_for("Fake GPU", 8, 4096, 2560) == gemv.default_config(8, 4096, 2560)
+    assert gemv.config_for("Fake GPU", 1, 4096, 2561) == gemv.default_config(1, 4096, 2561)
+    assert gemv.config_for("Other GPU", 1, 4096, 2560) == gemv.default_config(1, 4096, 2560)
+    assert gemv.default_config(1, 4096, 2560) != TUNED_1  # so the lookups above tell them apart
+    assert gemv.load_table("Other GPU") == {}
+
+
+def test_rows_share_the_entry_of_their_bucket(config_dir):
+    write_table(gemv.table_path("Fake GPU"), {"1,4096,2560": TUNED_1, "8,4096,2560": TUNED_8})
+    assert gemv.config_for("Fake GPU", 1, 4096, 2560) == TUNED_1
+    for rows in range(5, 9):
+        assert gemv.config_for("Fake GPU", rows, 4096, 2560) == TUNED_8
+    for rows in (2, 3, 4):
+        assert gemv.config_for("Fake GPU", rows, 4096, 2560) == gemv.default_config(rows, 4096, 2560)
+
+
+def test_rows_bucket_is_the_next_power_of_two():
+    assert [gemv.rows_bucket(r) for r in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
+    assert gemv.config_key(3, 10, 20) == gemv.config_key(4, 10, 20) == "4,10,20"
+
+
+def is_power_of_two(v: int) -> bool:
+    return v >= 1 and v & (v - 1) == 0
+
+
+N_SIZES = [16, 17, 100, 1000, 1023, 1024, 2047, 2048, 2049, 4095, 4096, 5000, 16384, 32767, 32768, 65536, 151936, 200000]
+K_SIZES = [1, 16, 63, 64, 65, 100, 128, 200, 511, 512, 513, 768, 2560, 9728, 20000]
+
+
+def test_size_rule_tiles_k_by_at_most_512():
+    for k in K_SIZES:
+        block_k = gemv.default_config(1, 4096, k)["BLOCK_K"]
+        assert is_power_of_two(block_k) and 64 <= block_k <= 512, k
+        assert block_k <= max(64, 1 << (k - 1).bit_length()), k  # no wider than the row needs
+        assert block_k >= min(k, 512), k  # a row of <= 512 is one tile
+
+
+def test_size_rule_gives_enough_programs_and_bounded_rows_per_program():
+    """BLOCK_N in 1..16, a power of two; at least min(N, 1024) programs; at 1 row of x, BLOCK_N
+    is the largest that keeps 1024 programs (up to 16); BLOCK_N * BLOCK_M <= 16 unless BLOCK_N
+    is 1; fewer rows of W per program as rows of x grow, more as N grows."""
+    for rows in range(1, 9):
+        bucket = gemv.rows_bucket(rows)
+        for k in (64, 2560, 20000):
+            previous_block_n = 1
+            for n in N_SIZES:
+                config = gemv.default_config(rows, n, k)
+                assert set(config) == set(gemv.CONFIG_KEYS)
+                block_n = config["BLOCK_N"]
+                assert is_power_of_two(block_n) and block_n <= 16, (rows, n)
+                assert math.ceil(n / block_n) >= min(n, 1024), (rows, n)
+                assert block_n == 1 or block_n * bucket <= 16, (rows, n)
+                assert block_n >= previous_block_n, (rows, n)
+                assert block_n <= gemv.default_config(max(1, rows - 1), n, k)["BLOCK_N"], (rows, n)
+                if rows == 1 and block_n < 16:
+                    assert n // (2 * block_n) < 1024, n  # doubling would leave < 1024 programs
+                assert config["num_warps"] >= 1 and config["num_stages"] >= 1
+                previous_block_n = block_n
+
+
+# ----- the native engine's option ---------------------------------------------------------------
+def engine(batch: int = 1, **options) -> NativeEngine:
+    spec = ModelSpec.from_config("tiny-gqa", TINY["gqa"])
+    return NativeEngine(spec=spec, gpu=None, batch=batch, prompt_len=7, decode_tokens=5, seed=2, device="cpu", options=options)
+
+
+@pytest.mark.parametrize("value", [-1, gemv.MAX_ROWS + 1, "yes", True, 1.5])
+def test_engine_rejects_bad_gemv_max_rows(value):
+    with pytest.raises(ConfigError, match=r"engine_options\.gemv_max_rows"):
+        engine(gemv_max_rows=value)
+
+
+@pytest.mark.parametrize("value", ["auto", 0, gemv.MAX_ROWS])
+def test_engine_accepts_gemv_max_rows(value):
+    assert engine(gemv_max_rows=value).options["gemv_max_rows"] == value
+
+
+def test_engine_auto_resolution(monkeypatch):
+    """auto: 0 on CPU; on CUDA, AUTO_ROWS at batch <= AUTO_ROWS when triton imports, else 0."""
+    assert engine()._gemv_max_rows() == 0
+    assert engine(gemv_max_rows=3)._gemv_max_rows() == 3
+    small, large = engine(batch=gemv.AUTO_ROWS), engine(batch=gemv.AUTO_ROWS + 1)
+    small.on_cuda = large.on_cuda = True  # only the resolution is exercised: nothing runs on a GPU
+    monkeypatch.setitem(sys.modules, "triton", types.ModuleType("triton"))
+    assert small._gemv_max_rows() == gemv.AUTO_ROWS
+    assert large._gemv_max_rows() == 0
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton raises ImportError
+    assert small._gemv_max_rows() == 0
+
+
+def run_engine(**options):
+    """(describe()'s gemv_max_rows, the GEMV op calls in a 5-step decode, the last tokens)."""
+    eng = engine(**options)
+    eng.setup()
+    with OpCalls() as calls:
+        eng.decode(5)
+    result = eng.describe()["gemv_max_rows"], calls.count(GEMV_OP), eng.generated_tokens(), eng.model
+    eng.close()
+    return result
+
+
+def test_engine_option_routes_decode_through_the_op_with_the_same_tokens():
+    default_rows, default_calls, default_tokens, _ = run_engine()
+    assert default_rows == 0 and default_calls == 0  # CPU: auto is off
+    rows, calls, tokens, model = run_engine(gemv_max_rows=1)
+    assert rows == 1
+    assert calls == 5 * decode_products("gqa")
+    assert all(m.gemv_max_rows == 1 for m in model.modules() if isinstance(m, gemv.Linear))
+    assert torch.equal(tokens, default_tokens)
