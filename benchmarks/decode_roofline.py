@@ -60,6 +60,7 @@ VARIANTS = {
     "eager": {"cuda_graph": False, "compile": False},
     "graph": {"cuda_graph": True, "compile": False},
     "compile": {"cuda_graph": True, "compile": "auto"},
+    "compile-nogemv": {"cuda_graph": True, "compile": "auto", "gemv_max_rows": 0},
     "compile-max": {"cuda_graph": True, "compile": "auto", "compile_mode": "max-autotune-no-cudagraphs"},
 }
 
@@ -75,7 +76,7 @@ COLUMNS = [
     "model", "arch", "variant", "batch", "prompt", "status",
     "decode_ms", "decode_floor_ms", "decode_bw_frac", "decode_tb_s",
     "prefill_ms", "prefill_floor_ms", "prefill_vs_floor", "prefill_bound",
-    "build_s", "prefill_first_s", "compile_s", "capture_s", "prefill_capture_s", "compile", "prefill_graph", "decode_attention", "cache_len",
+    "build_s", "prefill_first_s", "compile_s", "capture_s", "prefill_capture_s", "compile", "prefill_graph", "decode_attention", "gemv_max_rows", "cache_len",
     "device", "torch", "copy_tb_s", "gemm_tflop_s",
 ]
 
@@ -220,7 +221,7 @@ def measure_one(spec, variant, batch, prompt, args, device, timer, roof, with_pr
         row.update(
             build_s=setup["build_s"], prefill_first_s=setup.get("prefill_first_s"), compile_s=setup["compile_s"],
             capture_s=setup["capture_s"], prefill_capture_s=setup.get("prefill_capture_s"), compile=info["compile"],
-            prefill_graph=info.get("prefill_graph"), decode_attention=info["decode_attention"], cache_len=info["cache_len"],
+            prefill_graph=info.get("prefill_graph"), decode_attention=info["decode_attention"], gemv_max_rows=info["gemv_max_rows"], cache_len=info["cache_len"],
         )
         steps = min(args.decode_steps, args.decode_tokens)
         if variant.startswith("eager"):

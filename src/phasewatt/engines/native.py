@@ -21,6 +21,7 @@ from contextlib import nullcontext
 
 from phasewatt.errors import ConfigError
 from phasewatt.models.decoder import DECODE_ATTENTION
+from phasewatt.models.gemv import AUTO_ROWS as GEMV_AUTO_ROWS, MAX_ROWS as GEMV_MAX_ROWS, use_gemv
 from phasewatt.models.loader import load_checkpoint
 from phasewatt.models.registry import build_model
 
@@ -33,8 +34,10 @@ DEFAULT_OPTIONS = {
     "compile_prefill": "auto",  # true | false | auto (= whenever the decode step is compiled)
     "prefill_graph": "auto",  # true | false | auto (= on CUDA with cuda_graph, prompts of <= PREFILL_GRAPH_MAX_TOKENS)
     "coordinate_descent_tuning": True,  # inductor's tuning that turns batch-1 GEMVs into fused reductions
+    "gemv_max_rows": "auto",  # products of at most this many rows through the Triton GEMV (0: off; auto: see models.gemv)
 }
 COMPILE_CHOICES = (True, False, "auto")
+
 # A prefill of more tokens than this keeps the GPU busy on its own; capturing it as a graph
 # would only hold its activations in the graph's memory pool for nothing.
 PREFILL_GRAPH_MAX_TOKENS = 16384
@@ -60,6 +63,9 @@ def resolve_options(options: dict | None) -> dict:
             raise ConfigError(f"engine_options.{key}: {resolved[key]!r}; allowed: true, false, auto")
     if not isinstance(resolved["coordinate_descent_tuning"], bool):
         raise ConfigError(f"engine_options.coordinate_descent_tuning: {resolved['coordinate_descent_tuning']!r}; allowed: true, false")
+    rows = resolved["gemv_max_rows"]
+    if rows != "auto" and (not isinstance(rows, int) or isinstance(rows, bool) or not 0 <= rows <= GEMV_MAX_ROWS):
+        raise ConfigError(f"engine_options.gemv_max_rows: {rows!r}; allowed: auto or an integer 0..{GEMV_MAX_ROWS}")
     if resolved["decode_attention"] not in ("auto",) + DECODE_ATTENTION:
         raise ConfigError(
             f"engine_options.decode_attention: {resolved['decode_attention']!r}; allowed: auto, " + ", ".join(DECODE_ATTENTION)
@@ -94,6 +100,7 @@ class NativeEngine:
         )
         self.model = self.graph = self.prefill_graph = None
         self.prefill_graph_error = None
+        self.gemv_max_rows = 0
 
     def _compile_how(self) -> str:
         """none | regional (the model's compile_decode) | whole (torch.compile of decode)."""
@@ -123,6 +130,8 @@ class NativeEngine:
             model.set_decode_attention(self.options["decode_attention"])
         elif self.on_cuda and getattr(model, "cuda_decode_attention", None):
             model.set_decode_attention(model.cuda_decode_attention)
+        self.gemv_max_rows = self._gemv_max_rows()
+        use_gemv(self.model, self.gemv_max_rows)
         if self.compile_how != "none" or self.compile_prefill:
             self._configure_inductor()
         if self.compile_prefill and hasattr(self.model, "compile_prefill"):
@@ -154,6 +163,20 @@ class NativeEngine:
                 self.prefill()
                 self.synchronize()
         return times
+
+    def _gemv_max_rows(self) -> int:
+        """The option, or for auto: the tuned kernel for batches of up to GEMV_AUTO_ROWS on
+        CUDA where Triton is importable (it ships with CUDA torch); F.linear elsewhere."""
+        rows = self.options["gemv_max_rows"]
+        if rows != "auto":
+            return rows
+        if not self.on_cuda or self.batch > GEMV_AUTO_ROWS:
+            return 0
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return 0
+        return GEMV_AUTO_ROWS
 
     def _configure_inductor(self) -> None:
         """Process-wide inductor settings for the compiled layers: coordinate-descent tuning
@@ -293,6 +316,7 @@ class NativeEngine:
             "compile_prefill": self.compile_prefill,
             "prefill_graph": self.prefill_graph is not None,
             "prefill_graph_error": self.prefill_graph_error,
+            "gemv_max_rows": self.gemv_max_rows,
             "coordinate_descent_tuning": self.options["coordinate_descent_tuning"] if self.compile_how != "none" or self.compile_prefill else None,
             "cache_len": getattr(self.model, "cache_len", None),
             "checkpoint": str(self.checkpoint) if self.checkpoint else None,

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from phasewatt.errors import ConfigError
+from phasewatt.models.gemv import Linear, norm_linear
 from phasewatt.models.layers import RMSNorm, precompute_rope
 
 # Cache lengths are rounded up to this, so every row of the attention mask is aligned for the
@@ -33,21 +34,18 @@ class LMHead(nn.Module):
         super().__init__()
         self.norm = RMSNorm(d_model, eps, device=device, dtype=dtype)
         if weight is None:
-            self.lm_head = nn.Linear(d_model, vocab_size, bias=False, device=device, dtype=dtype)
+            self.lm_head = Linear(d_model, vocab_size, bias=False, device=device, dtype=dtype)
         else:  # built on the meta device, so the tied case allocates no second matrix
-            self.lm_head = nn.Linear(d_model, vocab_size, bias=False, device="meta", dtype=dtype)
+            self.lm_head = Linear(d_model, vocab_size, bias=False, device="meta", dtype=dtype)
             self.lm_head.weight = weight
         self.logit_divisor = logit_divisor
 
-    def forward(self, h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
         """Decode-step logits (the call compile_decode compiles)."""
         return self.logits(h, delta)
 
-    def logits(self, h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        x = self.norm(h + delta)
-        if self.logit_divisor != 1.0:
-            x = x / self.logit_divisor
-        return self.lm_head(x)
+    def logits(self, h: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+        return norm_linear(h, delta, self.norm, self.lm_head, out_scale=1.0 / self.logit_divisor)[0]
 
 
 class DecoderModel(nn.Module):
@@ -144,7 +142,7 @@ class DecoderModel(nn.Module):
         """One step for tokens [B] at position input_pos [1] (a device tensor, so the step has
         fixed shapes and can be captured in a CUDA graph); logits [B, V]."""
         h = self._embed(tokens)
-        delta = torch.zeros_like(h)
+        delta = None
         mask = torch.where(self.positions <= input_pos, 0.0, float("-inf")).to(h.dtype)
         for layer, cache in zip(self.layers, self.caches):
             h, delta = layer(h, delta, input_pos, self.rope_cos, self.rope_sin, mask, cache)

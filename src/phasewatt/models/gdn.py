@@ -25,6 +25,7 @@ from torch import nn
 
 from phasewatt.errors import ConfigError
 from phasewatt.models import linear_ops
+from phasewatt.models.gemv import Linear, norm_linear, residual_linear, swiglu_residual
 from phasewatt.models.layers import SwiGLU
 from phasewatt.models.loader import CheckpointError, HFTensors
 from phasewatt.models.recurrent import RecurrentModel
@@ -34,6 +35,8 @@ from phasewatt.models.spec import ModelSpec
 class ZeroCentredRMSNorm(nn.Module):
     """x / rms(x) * (1 + weight) in float32 (Qwen3-Next's norm: the weight is stored as an
     offset from 1, so it initialises to zeros)."""
+
+    weight_offset = 1.0
 
     def __init__(self, dim: int, eps: float, device=None, dtype=None):
         super().__init__()
@@ -73,12 +76,12 @@ class GatedDeltaNetMixer(nn.Module):
         self.scale = self.head_k_dim**-0.5
         factory = {"device": device, "dtype": dtype}
         # Rows: q | k | v | z | b | a (each head-major).
-        self.in_proj = nn.Linear(spec.d_model, self.conv_dim + self.value_dim + 2 * n_v_heads, bias=False, **factory)
+        self.in_proj = Linear(spec.d_model, self.conv_dim + self.value_dim + 2 * n_v_heads, bias=False, **factory)
         self.conv_weight = nn.Parameter(torch.empty(self.conv_dim, spec.conv_size, **factory))
         self.A_log = nn.Parameter(torch.empty(n_v_heads, **factory))
         self.dt_bias = nn.Parameter(torch.empty(n_v_heads, **factory))
         self.norm = GatedRMSNorm(self.head_v_dim, spec.norm_eps, **factory)
-        self.out_proj = nn.Linear(self.value_dim, spec.d_model, bias=False, **factory)
+        self.out_proj = Linear(self.value_dim, spec.d_model, bias=False, **factory)
         self.backend = "auto"
         self.reset_recurrent_parameters()
 
@@ -108,10 +111,10 @@ class GatedDeltaNetMixer(nn.Module):
         group = self.n_v_heads // self.n_k_heads
         return linear_ops.repeat_heads(q, group), linear_ops.repeat_heads(k, group), v
 
-    def _output(self, core: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def _gated(self, core: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The core output normed per head and gated by SiLU(z), flattened for out_proj."""
         z = z.reshape(*z.shape[:-1], self.n_v_heads, self.head_v_dim)
-        out = self.norm(core.to(z.dtype), z)
-        return self.out_proj(out.flatten(-2))
+        return self.norm(core.to(z.dtype), z).flatten(-2)
 
     def prefill(self, x: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
         qkv, z, beta, g = self._split(self.in_proj(x))
@@ -120,16 +123,18 @@ class GatedDeltaNetMixer(nn.Module):
         q, k, v = self._heads(F.silu(qkv))
         core, final = linear_ops.gated_delta_rule_prefill(q, k, v, g, beta, self.scale, backend=self.backend)
         ssm_state.copy_(final)
-        return self._output(core, z)
+        return self.out_proj(self._gated(core, z))
 
-    def decode(self, x: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
-        qkv, z, beta, g = self._split(self.in_proj(x))
+    def decode(self, proj: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
+        """One token from its input projection proj [B, in_proj rows]; returns the core output
+        gated and normed per head [B, value_dim], before out_proj."""
+        qkv, z, beta, g = self._split(proj)
         qkv = F.silu(linear_ops.causal_conv1d_step(qkv, conv_state, self.conv_weight))
         q, k, v = self._heads(qkv)
         core = linear_ops.gated_delta_step(
             ssm_state, linear_ops.l2_normalize(q), linear_ops.l2_normalize(k), v, g, beta, self.scale
         )
-        return self._output(core, z)
+        return self._gated(core, z)
 
     def make_state(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         weight = self.in_proj.weight
@@ -181,9 +186,12 @@ class GatedDeltaNetBlock(nn.Module):
         return h + self.mlp(self.post_norm(h))
 
     def forward(self, h: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
-        """One decode step."""
-        h = h + self.mixer.decode(self.input_norm(h), conv_state, ssm_state)
-        return h + self.mlp(self.post_norm(h))
+        """One decode step; the norms and residual adds ride on the projections (gemv)."""
+        proj, _ = norm_linear(h, None, self.input_norm, self.mixer.in_proj)
+        h = residual_linear(self.mixer.decode(proj, conv_state, ssm_state), self.mixer.out_proj, h)
+        gate_up, h = norm_linear(h, None, self.post_norm, self.mlp.gate_up)
+        h, delta = swiglu_residual(gate_up, self.mlp.down, h)
+        return h if delta is None else h + delta
 
     def load_hf(self, tensors: HFTensors, prefix: str) -> None:
         tensors.copy_into(self.input_norm.weight, prefix + "input_layernorm.weight")

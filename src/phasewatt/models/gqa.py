@@ -14,6 +14,7 @@ from torch import nn
 
 from phasewatt.errors import ConfigError
 from phasewatt.models.decoder import DecoderModel
+from phasewatt.models.gemv import Linear, norm_linear, residual_linear, swiglu_residual
 from phasewatt.models.layers import RMSNorm, SwiGLU, apply_rope
 from phasewatt.models.loader import HFTensors
 
@@ -25,10 +26,10 @@ class GQALayer(nn.Module):
         self.group = self.n_heads // self.n_kv_heads
         self.decode_attention = GQAModel.default_decode_attention
         self.attn_norm = RMSNorm(d, spec.norm_eps, device=device, dtype=dtype)
-        self.qkv = nn.Linear(d, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False, device=device, dtype=dtype)
+        self.qkv = Linear(d, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False, device=device, dtype=dtype)
         self.q_norm = RMSNorm(self.head_dim, spec.norm_eps, device=device, dtype=dtype) if spec.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, spec.norm_eps, device=device, dtype=dtype) if spec.qk_norm else None
-        self.o = nn.Linear(self.n_heads * self.head_dim, d, bias=False, device=device, dtype=dtype)
+        self.o = Linear(self.n_heads * self.head_dim, d, bias=False, device=device, dtype=dtype)
         self.mlp_norm = RMSNorm(d, spec.norm_eps, device=device, dtype=dtype)
         self.mlp = SwiGLU(d, spec.d_ff, device=device, dtype=dtype)
 
@@ -38,10 +39,11 @@ class GQALayer(nn.Module):
         shape = (batch, self.n_kv_heads, cache_len, self.head_dim)
         return torch.zeros(shape, device=w.device, dtype=w.dtype), torch.zeros(shape, device=w.device, dtype=w.dtype)
 
-    def _qkv(self, x, cos, sin):
-        """x [B, S, d] -> q [B, S, H, D] and k, v [B, S, H_kv, D], q and k normed and rotated."""
-        b, s, _ = x.shape
-        q, k, v = self.qkv(x).split([self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
+    def _qkv(self, qkv, cos, sin):
+        """qkv [B, S, (H + 2 H_kv) D] -> q [B, S, H, D] and k, v [B, S, H_kv, D], q and k
+        normed and rotated."""
+        b, s, _ = qkv.shape
+        q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
         q = q.view(b, s, self.n_heads, self.head_dim)
         k = k.view(b, s, self.n_kv_heads, self.head_dim)
         v = v.view(b, s, self.n_kv_heads, self.head_dim)
@@ -50,10 +52,11 @@ class GQALayer(nn.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward(self, h, delta, input_pos, cos, sin, mask, cache):
-        """Decode step: h, delta [B, d]; returns the new (h, delta)."""
-        h = h + delta
+        """Decode step: h [B, d] and the previous layer's delta (or None); returns the new
+        (h, delta). The residual adds and norms ride on the projections (gemv.norm_linear)."""
         b = h.shape[0]
-        q, k, v = self._qkv(self.attn_norm(h).unsqueeze(1), cos[input_pos], sin[input_pos])
+        qkv, h = norm_linear(h, delta, self.attn_norm, self.qkv)
+        q, k, v = self._qkv(qkv.unsqueeze(1), cos[input_pos], sin[input_pos])
         k_cache, v_cache = cache
         k_cache[:, :, input_pos] = k.transpose(1, 2)
         v_cache[:, :, input_pos] = v.transpose(1, 2)
@@ -63,14 +66,15 @@ class GQALayer(nn.Module):
         else:
             scores = torch.matmul(q, k_cache.transpose(2, 3)).float() * self.head_dim**-0.5 + mask
             out = torch.matmul(torch.softmax(scores, dim=-1).to(q.dtype), v_cache)
-        h = h + self.o(out.reshape(b, self.n_heads * self.head_dim))
-        return h, self.mlp(self.mlp_norm(h))
+        h = residual_linear(out.reshape(b, self.n_heads * self.head_dim), self.o, h)
+        gate_up, h = norm_linear(h, None, self.mlp_norm, self.mlp.gate_up)
+        return swiglu_residual(gate_up, self.mlp.down, h)
 
     def prefill(self, h, delta, cos, sin, cache):
         """Whole prompts h, delta [b, S, d] from position 0; cache: views of their rows."""
         h = h + delta
         b, s, _ = h.shape
-        q, k, v = self._qkv(self.attn_norm(h), cos, sin)
+        q, k, v = self._qkv(self.qkv(self.attn_norm(h)), cos, sin)
         cache[0][:, :, :s] = k.transpose(1, 2)
         cache[1][:, :, :s] = v.transpose(1, 2)
         # K/V repeated per query head: the flash kernel then takes the call on CUDA.

@@ -10,9 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from phasewatt.models.gemv import Linear
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in float32 like LlamaRMSNorm."""
+
+    weight_offset = 0.0  # the scale is weight + weight_offset (what the fused GEMV prologue reads)
 
     def __init__(self, dim: int, eps: float = 1e-6, device=None, dtype=None):
         super().__init__()
@@ -32,8 +35,8 @@ class SwiGLU(nn.Module):
     def __init__(self, d_model: int, d_ff: int, device=None, dtype=None):
         super().__init__()
         self.d_ff = d_ff
-        self.gate_up = nn.Linear(d_model, 2 * d_ff, bias=False, device=device, dtype=dtype)
-        self.down = nn.Linear(d_ff, d_model, bias=False, device=device, dtype=dtype)
+        self.gate_up = Linear(d_model, 2 * d_ff, bias=False, device=device, dtype=dtype)
+        self.down = Linear(d_ff, d_model, bias=False, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).split(self.d_ff, dim=-1)

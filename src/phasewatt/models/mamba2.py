@@ -24,6 +24,7 @@ from torch import nn
 
 from phasewatt.errors import ConfigError
 from phasewatt.models import linear_ops
+from phasewatt.models.gemv import Linear, norm_linear, residual_linear
 from phasewatt.models.layers import RMSNorm
 from phasewatt.models.loader import HFTensors
 from phasewatt.models.recurrent import RecurrentModel
@@ -59,14 +60,14 @@ class Mamba2Mixer(nn.Module):
         self.time_step_limit = time_step_limit
         factory = {"device": device, "dtype": dtype}
         # Rows: z | x | B | C | dt.
-        self.in_proj = nn.Linear(spec.d_model, self.d_inner + self.conv_dim + self.n_heads, bias=False, **factory)
+        self.in_proj = Linear(spec.d_model, self.d_inner + self.conv_dim + self.n_heads, bias=False, **factory)
         self.conv_weight = nn.Parameter(torch.empty(self.conv_dim, spec.conv_size, **factory))
         self.conv_bias = nn.Parameter(torch.empty(self.conv_dim, **factory))
         self.dt_bias = nn.Parameter(torch.empty(self.n_heads, **factory))
         self.A_log = nn.Parameter(torch.empty(self.n_heads, **factory))
         self.D = nn.Parameter(torch.empty(self.n_heads, **factory))
         self.norm = GroupedGatedRMSNorm(self.d_inner, self.n_groups, spec.norm_eps, **factory)
-        self.out_proj = nn.Linear(self.d_inner, spec.d_model, bias=False, **factory)
+        self.out_proj = Linear(self.d_inner, spec.d_model, bias=False, **factory)
         self.backend = "auto"
         self.reset_ssm_parameters()
 
@@ -99,9 +100,10 @@ class Mamba2Mixer(nn.Module):
         g = dt * -self.A_log.float().exp()
         return x, c, b, v, g
 
-    def _output(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def _gated(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """y + D x, gated by SiLU(z) and normed, flattened for out_proj."""
         y = y.float() + x.float() * self.D.float().unsqueeze(-1)
-        return self.out_proj(self.norm(y.flatten(-2), z))
+        return self.norm(y.flatten(-2), z)
 
     def prefill(self, h: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
         z, xbc, dt = self._split(self.in_proj(h))
@@ -110,14 +112,16 @@ class Mamba2Mixer(nn.Module):
         x, q, k, v, g = self._ssm_inputs(F.silu(xbc), dt)
         y, final = linear_ops.simple_gla_prefill(q, k, v, g, 1.0, self.chunk_size, backend=self.backend)
         ssm_state.copy_(final)
-        return self._output(y, x, z)
+        return self.out_proj(self._gated(y, x, z))
 
-    def decode(self, h: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
-        z, xbc, dt = self._split(self.in_proj(h))
+    def decode(self, proj: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
+        """One token from its input projection proj [B, in_proj rows]; returns the gated,
+        normed SSM output [B, d_inner], before out_proj."""
+        z, xbc, dt = self._split(proj)
         xbc = F.silu(linear_ops.causal_conv1d_step(xbc, conv_state, self.conv_weight, self.conv_bias))
         x, q, k, v, g = self._ssm_inputs(xbc, dt)
         y = linear_ops.simple_gla_step(ssm_state, q, k, v, g, 1.0)
-        return self._output(y, x, z)
+        return self._gated(y, x, z)
 
     def make_state(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         weight = self.in_proj.weight
@@ -148,8 +152,9 @@ class Mamba2Block(nn.Module):
         return h + self.mixer.prefill(self.norm(h), conv_state, ssm_state)
 
     def forward(self, h: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
-        """One decode step."""
-        return h + self.mixer.decode(self.norm(h), conv_state, ssm_state)
+        """One decode step; the norm and the residual add ride on the projections (gemv)."""
+        proj, _ = norm_linear(h, None, self.norm, self.mixer.in_proj)
+        return residual_linear(self.mixer.decode(proj, conv_state, ssm_state), self.mixer.out_proj, h)
 
 
 class Mamba2Model(RecurrentModel):

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from phasewatt.models.decoder import DecoderModel, spec_extra
+from phasewatt.models.gemv import Linear, norm_linear, residual_linear, swiglu_residual
 from phasewatt.models.layers import RMSNorm, SwiGLU, apply_rope
 from phasewatt.models.loader import CheckpointError, HFTensors
 
@@ -41,12 +42,13 @@ class MLALayer(nn.Module):
         self.decode_attention = MLAModel.default_decode_attention
         self.attn_norm = RMSNorm(d, spec.norm_eps, device=device, dtype=dtype)
         # q_a_proj and kv_a_proj_with_mqa fused: both read the same normed input.
-        self.a_proj = nn.Linear(d, self.q_lora + self.kv_lora + self.rope, bias=False, device=device, dtype=dtype)
+        self.a_proj = Linear(d, self.q_lora + self.kv_lora + self.rope, bias=False, device=device, dtype=dtype)
         self.q_a_norm = RMSNorm(self.q_lora, spec.norm_eps, device=device, dtype=dtype)
-        self.q_b_proj = nn.Linear(self.q_lora, self.n_heads * (self.nope + self.rope), bias=False, device=device, dtype=dtype)
+        self.q_b_proj = Linear(self.q_lora, self.n_heads * (self.nope + self.rope), bias=False, device=device, dtype=dtype)
         self.kv_a_norm = RMSNorm(self.kv_lora, spec.norm_eps, device=device, dtype=dtype)
+        # Only prefill multiplies by kv_b_proj (decode absorbs it), so it stays a plain nn.Linear.
         self.kv_b_proj = nn.Linear(self.kv_lora, self.n_heads * (self.nope + self.v_dim), bias=False, device=device, dtype=dtype)
-        self.o = nn.Linear(self.n_heads * self.v_dim, d, bias=False, device=device, dtype=dtype)
+        self.o = Linear(self.n_heads * self.v_dim, d, bias=False, device=device, dtype=dtype)
         self.mlp_norm = RMSNorm(d, spec.norm_eps, device=device, dtype=dtype)
         self.mlp = SwiGLU(d, spec.d_ff, device=device, dtype=dtype)
 
@@ -55,16 +57,17 @@ class MLALayer(nn.Module):
         w = self.a_proj.weight
         return (torch.zeros(batch, cache_len, self.kv_lora + self.rope, device=w.device, dtype=w.dtype),)
 
-    def _project(self, x, cos, sin):
-        """x [B, S, d] -> q_nope [B, S, H, nope], rotated q_pe [B, S, H, rope] and the cache
-        entries [B, S, kv_lora + rope] (normed latent, rotated shared key)."""
-        b, s, _ = x.shape
-        q_a, kv_lat, k_pe = self.a_proj(x).split([self.q_lora, self.kv_lora, self.rope], dim=-1)
-        q = self.q_b_proj(self.q_a_norm(q_a)).view(b, s, self.n_heads, self.nope + self.rope)
+    def _project(self, h, delta, cos, sin):
+        """h (+ delta) [B, S, d] -> q_nope [B, S, H, nope], rotated q_pe [B, S, H, rope], the
+        cache entries [B, S, kv_lora + rope] (normed latent, rotated shared key) and h + delta."""
+        a, h = norm_linear(h, delta, self.attn_norm, self.a_proj)
+        b, s, _ = a.shape
+        q_a, kv_lat, k_pe = a.split([self.q_lora, self.kv_lora, self.rope], dim=-1)
+        q = norm_linear(q_a, None, self.q_a_norm, self.q_b_proj)[0].view(b, s, self.n_heads, self.nope + self.rope)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin, self.rope_interleaved)
         k_pe = apply_rope(k_pe.view(b, s, 1, self.rope), cos, sin, self.rope_interleaved).view(b, s, self.rope)
-        return q_nope, q_pe, torch.cat([self.kv_a_norm(kv_lat), k_pe], dim=-1)
+        return q_nope, q_pe, torch.cat([self.kv_a_norm(kv_lat), k_pe], dim=-1), h
 
     def _up_weights(self):
         """W_UK [H, nope, kv_lora] and W_UV [H, v, kv_lora]: views of kv_b_proj's weight."""
@@ -72,11 +75,12 @@ class MLALayer(nn.Module):
         return w[:, : self.nope], w[:, self.nope :]
 
     def forward(self, h, delta, input_pos, cos, sin, mask, cache):
-        """Decode step, absorbed: h, delta [B, d]; returns the new (h, delta)."""
-        h = h + delta
+        """Decode step, absorbed: h [B, d] and the previous layer's delta (or None); returns
+        the new (h, delta)."""
         b = h.shape[0]
         (latent,) = cache
-        q_nope, q_pe, entry = self._project(self.attn_norm(h).unsqueeze(1), cos[input_pos], sin[input_pos])
+        q_nope, q_pe, entry, h = self._project(h.unsqueeze(1), None if delta is None else delta.unsqueeze(1), cos[input_pos], sin[input_pos])
+        h = h.squeeze(1)
         latent[:, input_pos] = entry
         w_uk, w_uv = self._up_weights()
         q_lat = torch.einsum("bhn,hnc->bhc", q_nope.view(b, self.n_heads, self.nope), w_uk)
@@ -92,14 +96,14 @@ class MLALayer(nn.Module):
             probs = torch.softmax(scores, dim=-1).to(h.dtype)  # [B, H, L]
             out_lat = torch.bmm(probs, latent[:, :, : self.kv_lora])  # [B, H, kv_lora]
         out = torch.einsum("bhc,hvc->bhv", out_lat, w_uv).reshape(b, self.n_heads * self.v_dim)
-        h = h + self.o(out) * self.residual_scale
-        return h, self.mlp(self.mlp_norm(h)) * self.residual_scale
+        h = residual_linear(out, self.o, h, self.residual_scale)
+        gate_up, h = norm_linear(h, None, self.mlp_norm, self.mlp.gate_up)
+        return swiglu_residual(gate_up, self.mlp.down, h, self.residual_scale)
 
     def prefill(self, h, delta, cos, sin, cache):
         """Whole prompts h, delta [b, S, d] (cache: views of their rows), K/V expanded per head."""
-        h = h + delta
         b, s, _ = h.shape
-        q_nope, q_pe, entry = self._project(self.attn_norm(h), cos, sin)
+        q_nope, q_pe, entry, h = self._project(h, delta, cos, sin)
         cache[0][:, :s] = entry
         kv = self.kv_b_proj(entry[..., : self.kv_lora]).view(b, s, self.n_heads, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)

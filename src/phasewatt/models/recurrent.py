@@ -10,14 +10,16 @@ layer and batch size. Their size does not depend on the sequence length.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from phasewatt.models import linear_ops
 from phasewatt.models.decoder import PREFILL_CHUNK_TOKENS
+from phasewatt.models.gemv import Linear, linear, norm_linear
 
 
 class RecurrentModel(nn.Module):
+    gemv_max_rows = 0  # the tied head's products through the GEMV kernel (gemv.use_gemv)
+
     def __init__(self, spec, blocks: list[nn.Module], final_norm: nn.Module, device, dtype):
         super().__init__()
         self.spec = spec
@@ -26,7 +28,7 @@ class RecurrentModel(nn.Module):
         self.final_norm = final_norm
         self.lm_head = None
         if not spec.tied_embeddings:
-            self.lm_head = nn.Linear(spec.d_model, spec.vocab_size, bias=False, device=device, dtype=dtype)
+            self.lm_head = Linear(spec.d_model, spec.vocab_size, bias=False, device=device, dtype=dtype)
         self.states: list[tuple[torch.Tensor, ...]] = []
         self.cache_batch = 0
 
@@ -64,8 +66,9 @@ class RecurrentModel(nn.Module):
             raise ValueError(f"states hold batch {self.cache_batch}; asked for batch {batch}")
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        h = self.final_norm(h)
-        return F.linear(h, self.embed.weight) if self.lm_head is None else self.lm_head(h)
+        if self.lm_head is not None:
+            return norm_linear(h, None, self.final_norm, self.lm_head)[0]
+        return linear(self.final_norm(h), self.embed.weight, gemv_max_rows=self.gemv_max_rows)
 
     @torch.no_grad()
     def prefill(self, tokens: torch.Tensor, all_logits: bool = False) -> torch.Tensor:

@@ -1,0 +1,296 @@
+"""Tune the decode GEMV kernel (phasewatt.models.gemv) on this GPU and time it against cuBLAS
+(F.linear) and inductor's generated reduction, for every weight shape a decode step of the
+config.yaml models multiplies by.
+
+For each (rows of x, N, K): enough distinct copies of the weight that together they are many
+times the L2 cache, one product per copy captured in a CUDA graph, the graph replayed; time
+per product against the floor (the weight's bytes over the copy bandwidth measured in the same
+run). Every kernel configuration is checked against a float32 product first (relative error
+<= 1e-2) and dropped if it fails. The best configuration of each shape is written as the tuned
+table the kernel reads (src/phasewatt/models/gemv_configs/<GPU name>.json) and to --out, with
+gemv_sweep.md (tables) and gemv_sweep.csv (every timing).
+
+    PYTHONPATH=src python3 benchmarks/gemv_sweep.py --out $OUT            # GPU, a few minutes
+    PYTHONPATH=src python3 benchmarks/gemv_sweep.py --smoke --out /tmp/g  # CPU: shapes, no kernel
+
+It never touches power limits or clocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch._dynamo.config as dynamo_config
+import torch._inductor.config as inductor_config
+import torch.nn.functional as F
+import yaml
+
+from phasewatt.io import write_json, write_text
+from phasewatt.models import gemv
+from phasewatt.models.registry import build_model
+from phasewatt.models.spec import ModelSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+COPY_BYTES_TARGET = 1 << 30  # weights cycled through per graph replay: >> the L2 cache
+MAX_COPIES = 512
+REL_ERR_LIMIT = 1e-2
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "config.yaml"))
+    p.add_argument("--models", default=None, help="comma-separated model names (default: all of config.yaml)")
+    p.add_argument("--rows", default="1,8", help="rows of x (decode batch sizes) to tune")
+    p.add_argument("--inductor-models", default="gqa", help="models whose shapes are also timed through inductor (slow to compile)")
+    p.add_argument("--budget-s", type=float, default=360.0, help="stop tuning new shapes after this many seconds")
+    p.add_argument("--write-table", default="auto", help="tuned table path; auto = the package's gemv_configs/<GPU>.json; none = do not write")
+    p.add_argument("--out", default=os.environ.get("OUT"))
+    p.add_argument("--smoke", action="store_true", help="CPU: list the shapes and time F.linear only")
+    args = p.parse_args(argv)
+    if not args.out:
+        p.error("--out or $OUT: the directory the results are written to")
+    return args
+
+
+def model_shapes(specs: list[ModelSpec]) -> dict[tuple[int, int], dict[str, int]]:
+    """(N, K) of every weight a decode step multiplies by -> {model: products per step}."""
+    shapes: dict[tuple[int, int], dict[str, int]] = {}
+    for spec in specs:
+        model = build_model(spec, device="meta", dtype=torch.bfloat16)
+        weights = [m.weight for m in model.modules() if isinstance(m, gemv.Linear)]
+        if getattr(model, "lm_head", None) is None and hasattr(model, "embed") and spec.tied_embeddings:
+            if not any(w is model.embed.weight for w in weights):
+                weights.append(model.embed.weight)  # a recurrent model's tied head: F.linear on the embedding
+        for w in weights:
+            per_model = shapes.setdefault((w.shape[0], w.shape[1]), {})
+            per_model[spec.name] = per_model.get(spec.name, 0) + 1
+    return shapes
+
+
+def candidate_configs(rows: int, k: int) -> list[dict]:
+    """Block shapes worth trying: 16-byte loads for every thread, a bounded register tile."""
+    bucket = gemv.rows_bucket(rows)
+    k_cap = 1 << (k - 1).bit_length()
+    configs = []
+    ns = (1, 2, 4, 8, 16, 32) if bucket == 1 else (1, 2, 4, 8)
+    ks = (256, 512, 1024) if bucket == 1 else (128, 256, 512)
+    for block_n, block_k, warps, stages in itertools.product(ns, ks, (4, 8), (1, 2, 3)):
+        tile = block_n * block_k
+        if block_k > max(k_cap, 128) or tile < warps * 32 * 8 or tile * bucket > 16384 or tile < 512:
+            continue
+        if bucket > 1 and stages == 3:
+            continue
+        configs.append({"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps, "num_stages": stages})
+    return configs
+
+
+class GraphTimer:
+    """Seconds per call of fn(x, w) over the weight copies, from CUDA graph replays."""
+
+    def __init__(self, reps: int = 5):
+        self.reps = reps
+
+    def __call__(self, fn, x, weights) -> float:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for w in weights:
+                fn(x, w)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = [fn(x, w) for w in weights]
+        graph.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(self.reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        del graph, outs
+        return statistics.median(times) / len(weights)
+
+
+def copy_bandwidth(nbytes: int = 2 << 30) -> float:
+    """Bytes read + written per second by a large device-to-device copy."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / 10)
+    return 2 * nbytes / statistics.median(times)
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def tune_shape(rows, n, k, timer, with_inductor) -> list[dict]:
+    """Every timing of one (rows, N, K): cublas, inductor (optional), each kernel config."""
+    nbytes = n * k * 2
+    copies = max(2, min(MAX_COPIES, math.ceil(COPY_BYTES_TARGET / nbytes)))
+    weights_all = torch.randn(copies, n, k, device="cuda", dtype=torch.bfloat16)
+    weights = list(weights_all.unbind(0))
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    ref = F.linear(x.float(), weights[0].float())
+    out = [{"variant": "cublas", "seconds": timer(F.linear, x, weights)}]
+    if with_inductor:
+        compiled = torch.compile(lambda a, b: F.linear(a, b), dynamic=False, fullgraph=True)
+        t = time.perf_counter()
+        compiled(x, weights[0])
+        out.append({"variant": "inductor", "seconds": timer(compiled, x, weights), "compile_s": time.perf_counter() - t})
+    rule = gemv.default_config(rows, n, k)
+    for config in candidate_configs(rows, k):
+        row = {"variant": "triton", **config, "rule": config == rule}
+        try:
+            poison = gemv.triton_gemv(x, weights[0], config)[0]
+            err = rel_err(poison, ref)
+            if not math.isfinite(err) or err > REL_ERR_LIMIT:
+                out.append({**row, "status": f"wrong: rel err {err:.2e}"})
+                continue
+            row["rel_err"] = err
+            row["seconds"] = timer(lambda a, b, c=config: gemv.triton_gemv(a, b, c)[0], x, weights)
+            out.append(row)
+        except Exception as exc:  # a config the compiler rejects (registers, shared memory)
+            out.append({**row, "status": f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"})
+    del weights_all, weights
+    torch.cuda.empty_cache()
+    return out
+
+
+def load_specs(args) -> list[ModelSpec]:
+    entries = yaml.safe_load(Path(args.config).read_text())["models"]
+    wanted = args.models.split(",") if args.models else list(entries)
+    unknown = [m for m in wanted if m not in entries]
+    if unknown:
+        raise SystemExit(f"--models: {', '.join(unknown)} not in {args.config}; allowed: {', '.join(entries)}")
+    return [ModelSpec.from_config(name, entries[name]) for name in wanted]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    specs = load_specs(args)
+    shapes = model_shapes(specs)
+    rows_list = [int(r) for r in args.rows.split(",")]
+    inductor_models = set(args.inductor_models.split(",")) if args.inductor_models else set()
+    if args.smoke or not torch.cuda.is_available():
+        lines = [f"{n} x {k}: " + ", ".join(f"{m} x{c}" for m, c in users.items()) for (n, k), users in sorted(shapes.items())]
+        write_text(out_dir / "gemv_shapes.txt", "\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return 0
+
+    inductor_config.coordinate_descent_tuning = True
+    dynamo_config.cache_size_limit = 1024
+    device_name = torch.cuda.get_device_name()
+    bandwidth = copy_bandwidth()
+    print(f"{device_name}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    timer = GraphTimer()
+    started = time.perf_counter()
+    results, table = [], {}
+    order = sorted(shapes.items(), key=lambda item: -item[0][0] * item[0][1])
+    for rows in rows_list:
+        for (n, k), users in order:
+            if time.perf_counter() - started > args.budget_s:
+                print(f"budget reached: rows {rows} {n}x{k} and later not tuned", flush=True)
+                break
+            timings = tune_shape(rows, n, k, timer, rows == 1 and bool(inductor_models & set(users)))
+            floor_s = n * k * 2 / bandwidth
+            for t in timings:
+                results.append({"rows": rows, "N": n, "K": k, "floor_s": floor_s, **t})
+            ok = [t for t in timings if t["variant"] == "triton" and "seconds" in t]
+            if ok:
+                best = min(ok, key=lambda t: t["seconds"])
+                table[gemv.config_key(rows, n, k)] = {key: best[key] for key in gemv.CONFIG_KEYS} | {
+                    "us": round(best["seconds"] * 1e6, 2), "share_of_copy_bandwidth": round(floor_s / best["seconds"], 3),
+                }
+            cublas = next(t for t in timings if t["variant"] == "cublas")["seconds"]
+            best_s = min((t["seconds"] for t in ok), default=float("nan"))
+            print(f"rows {rows} {n:>6} x {k:>5}: floor {floor_s * 1e6:7.1f} us  cublas {floor_s / cublas:5.0%}  best triton {floor_s / best_s:5.0%}", flush=True)
+    payload = {
+        "device": device_name, "torch": torch.__version__, "triton": _triton_version(),
+        "copy_tb_s": round(bandwidth / 1e12, 3), "made_by": "benchmarks/gemv_sweep.py", "configs": table,
+    }
+    targets = [out_dir / gemv.table_path(device_name).name]
+    if args.write_table != "none":
+        targets.append(gemv.table_path(device_name) if args.write_table == "auto" else Path(args.write_table))
+    for path in targets:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, payload)
+    _write_reports(out_dir, results, shapes, specs, device_name, bandwidth)
+    return 0
+
+
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+def _write_reports(out_dir: Path, results: list[dict], shapes, specs, device_name: str, bandwidth: float) -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame(results)
+    frame.to_csv(out_dir / "gemv_sweep.csv", index=False)
+    timed = frame[frame["seconds"].notna()] if "seconds" in frame else frame.iloc[0:0]
+    lines = [f"# GEMV sweep on {device_name}", "", f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; share = floor / time", ""]
+    lines += ["| rows | N | K | floor us | cublas | inductor | triton rule | triton best | best config |", "|---|---|---|---|---|---|---|---|---|"]
+    per_model: dict[tuple[str, int], dict[str, float]] = {}
+    for (rows, n, k), group in timed.groupby(["rows", "N", "K"]):
+        floor_s = group["floor_s"].iloc[0]
+
+        def share(mask):
+            sub = group[mask]
+            return f"{floor_s / sub['seconds'].min():.0%}" if len(sub) else ""
+
+        triton = group[group["variant"] == "triton"]
+        best = triton.loc[triton["seconds"].idxmin()] if len(triton) else None
+        best_cfg = "" if best is None else f"{int(best.BLOCK_N)}x{int(best.BLOCK_K)} w{int(best.num_warps)} s{int(best.num_stages)}"
+        lines.append(
+            f"| {rows} | {n} | {k} | {floor_s * 1e6:.1f} | {share(group['variant'] == 'cublas')} | {share(group['variant'] == 'inductor')} "
+            f"| {share((group['variant'] == 'triton') & (group['rule'] == True))} | {share(group['variant'] == 'triton')} | {best_cfg} |"  # noqa: E712
+        )
+        for model, count in shapes[(n, k)].items():
+            acc = per_model.setdefault((model, rows), {"floor": 0.0, "cublas": 0.0, "best": 0.0})
+            acc["floor"] += count * floor_s
+            acc["cublas"] += count * group[group["variant"] == "cublas"]["seconds"].min()
+            acc["best"] += count * (triton["seconds"].min() if len(triton) else float("nan"))
+    lines += ["", "Per decode step, all products of a model (sum over its layers):", ""]
+    lines += ["| model | rows | floor ms | cublas ms | triton best ms | cublas share | triton share |", "|---|---|---|---|---|---|---|"]
+    for (model, rows), acc in sorted(per_model.items()):
+        lines.append(
+            f"| {model} | {rows} | {acc['floor'] * 1e3:.3f} | {acc['cublas'] * 1e3:.3f} | {acc['best'] * 1e3:.3f} "
+            f"| {acc['floor'] / acc['cublas']:.0%} | {acc['floor'] / acc['best']:.0%} |"
+        )
+    failed = frame[frame.get("status", pd.Series(dtype=str)).notna()] if "status" in frame else frame.iloc[0:0]
+    lines += ["", f"configs rejected (compile error or wrong result): {len(failed)}"]
+    if len(failed):
+        lines += [f"- {r.rows} {r.N}x{r.K} {r.BLOCK_N}x{r.BLOCK_K} w{r.num_warps} s{r.num_stages}: {r.status}" for r in failed.head(20).itertuples()]
+    text = "\n".join(lines) + "\n"
+    write_text(out_dir / "gemv_sweep.md", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

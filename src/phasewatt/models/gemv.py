@@ -1,0 +1,305 @@
+"""Weight-streaming matrix products for the decode step at small batch.
+
+A decode step at batch 1 is a chain of matrix-vector products: each reads a weight matrix
+once and does two FLOPs per weight, so its time is the matrix's bytes over the memory
+bandwidth, or should be. cuBLAS and inductor's generated reductions reached 58-68% of the
+copy bandwidth on an H200 for the layer shapes of our models (benchmarks/RESULTS.md). This is
+a Triton kernel for y = x W^T with few rows of x: each program streams BLOCK_N whole rows of
+W in BLOCK_K-wide tiles and keeps the products in float32 registers until the end. Its block
+sizes per (rows, N, K) come from a table measured on each GPU model by
+benchmarks/gemv_sweep.py (gemv_configs/<GPU name>.json), else from a size rule.
+
+`torch.ops.phasewatt.gemv` wraps it as a custom op, so a compiled layer keeps it as one call
+(and its neighbours fuse around it). On a CPU tensor the op is F.linear: triton is never
+imported there.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CONFIG_DIR = Path(__file__).with_name("gemv_configs")
+CONFIG_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+# The kernel takes products of at most MAX_ROWS rows; the engine's gemv_max_rows "auto" sends
+# those of at most AUTO_ROWS rows to it (decode at batch <= AUTO_ROWS), the rest to cuBLAS.
+MAX_ROWS = 8
+AUTO_ROWS = 1
+
+
+def rows_bucket(rows: int) -> int:
+    """The power of two >= rows that a kernel is compiled and tuned for (BLOCK_M)."""
+    return 1 << max(0, rows - 1).bit_length()
+
+
+def default_config(rows: int, n: int, k: int) -> dict:
+    """A size rule for shapes the table lacks: K tiles of 512 (fewer for short rows), and rows
+    per program so that the grid has about 1000 programs (a few per multiprocessor, enough
+    loads in flight on each), at most 16 rows, fewer when several x rows share a program."""
+    block_k = min(512, max(64, 1 << (k - 1).bit_length()))
+    block_n = 1
+    while block_n < 16 and n // (2 * block_n) >= 1024:
+        block_n *= 2
+    block_n = max(1, block_n // rows_bucket(rows))
+    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 2}
+
+
+def config_key(rows: int, n: int, k: int) -> str:
+    return f"{rows_bucket(rows)},{n},{k}"
+
+
+def table_path(device_name: str) -> Path:
+    return CONFIG_DIR / (device_name.replace(" ", "_").replace("/", "_") + ".json")
+
+
+@functools.lru_cache(maxsize=None)
+def load_table(device_name: str) -> dict:
+    """The tuned configs for this GPU model: {"rows,N,K": {BLOCK_N, BLOCK_K, num_warps,
+    num_stages}}; empty when none were measured."""
+    path = table_path(device_name)
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())["configs"]
+
+
+def config_for(device_name: str, rows: int, n: int, k: int) -> dict:
+    tuned = load_table(device_name).get(config_key(rows, n, k))
+    return {key: tuned[key] for key in CONFIG_KEYS} if tuned else default_config(rows, n, k)
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel():
+    """The Triton kernel, compiled on first use (triton imported only here)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gemv_kernel(
+        x_ptr, w_ptr, y_ptr, d_ptr, s_ptr, g_ptr, r_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+        eps, g_offset, out_scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+        NORM: tl.constexpr, HAS_DELTA: tl.constexpr, SWIGLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.arange(0, BLOCK_M)
+        rk = tl.arange(0, BLOCK_K)
+        n_ok = rn < N
+        m_ok = rm < M
+        # Rows past N read row 0 instead of masking: the weight stream stays unmasked.
+        rows = tl.where(n_ok, rn, 0).to(tl.int64)
+        w_ptrs = w_ptr + rows[:, None] * stride_wn + rk[None, :]
+        x_offsets = rm[:, None] * stride_xm + rk[None, :]
+        if BLOCK_M == 1:
+            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = (k0 + rk) < K
+            x_mask = m_ok[:, None] & k_ok[None, :]
+            if EVEN_K:
+                w = tl.load(w_ptrs)
+            else:
+                w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
+            x = tl.load(x_ptr + x_offsets, mask=x_mask, other=0.0).to(tl.float32)
+            if SWIGLU:  # x holds [gate | up], each K wide: silu(gate) * up
+                up = tl.load(x_ptr + K + x_offsets, mask=x_mask, other=0.0).to(tl.float32)
+                x = x * tl.sigmoid(x) * up
+            if NORM:
+                if HAS_DELTA:  # the residual sum x + delta, written once (by program 0)
+                    x += tl.load(d_ptr + x_offsets, mask=x_mask, other=0.0).to(tl.float32)
+                    tl.store(s_ptr + x_offsets, x.to(s_ptr.dtype.element_ty), mask=x_mask & (pid == 0))
+                squares += x * x
+                g = tl.load(g_ptr + k0 + rk, mask=k_ok, other=0.0).to(tl.float32) + g_offset
+                x = x * g[None, :]
+            if BLOCK_M == 1:
+                acc += w.to(tl.float32) * x
+            else:
+                acc += tl.sum(w.to(tl.float32)[None, :, :] * x[:, None, :], axis=2)
+            w_ptrs += BLOCK_K
+            x_offsets += BLOCK_K
+        if BLOCK_M == 1:
+            y = tl.sum(acc, axis=1)[None, :]
+        else:
+            y = acc
+        if NORM:  # the RMS factor of each row of x factors out of its dot products
+            y = y * tl.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]
+        y = y * out_scale
+        y_offsets = rm[:, None] * stride_ym + rn[None, :]
+        y_mask = m_ok[:, None] & n_ok[None, :]
+        if HAS_RESIDUAL:
+            y += tl.load(r_ptr + y_offsets, mask=y_mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + y_offsets, y.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+    return gemv_kernel
+
+
+def triton_gemv(
+    x: torch.Tensor, weight: torch.Tensor, config: dict | None = None, *, delta=None, norm_weight=None, eps: float = 0.0,
+    norm_offset: float = 0.0, swiglu: bool = False, residual=None, out_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """y = out_scale * f(x) @ weight.T (+ residual) on CUDA through the kernel, for x [..., K]
+    of at most MAX_ROWS rows (x [..., 2K] with swiglu). f: identity; silu(gate) * up (swiglu);
+    or RMSNorm(x + delta) * (norm_weight + norm_offset) (norm_weight given), in which case the
+    sum x + delta is returned too. config: block sizes (CONFIG_KEYS), else the tuned table or
+    the size rule. Returns (y, sum or None)."""
+    n = weight.shape[0]
+    k = weight.shape[1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    rows = x2.shape[0]
+    if config is None:
+        config = config_for(torch.cuda.get_device_name(x.device), rows, n, k)
+    y = torch.empty((rows, n), device=x.device, dtype=x.dtype)
+    d2 = delta.reshape(rows, k).contiguous() if delta is not None else x2
+    total = torch.empty_like(x2) if delta is not None else None
+    r2 = residual.reshape(rows, n).contiguous() if residual is not None else y
+    grid = ((n + config["BLOCK_N"] - 1) // config["BLOCK_N"],)
+    _kernel()[grid](
+        x2, weight, y, d2, total if total is not None else x2, norm_weight if norm_weight is not None else weight, r2,
+        rows, n, k, x2.stride(0), weight.stride(0), y.stride(0), float(eps), float(norm_offset), float(out_scale),
+        BLOCK_M=rows_bucket(rows), BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], EVEN_K=k % config["BLOCK_K"] == 0,
+        NORM=norm_weight is not None, HAS_DELTA=delta is not None, SWIGLU=swiglu, HAS_RESIDUAL=residual is not None,
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    return y.view(*x.shape[:-1], n), (total.view(x.shape) if total is not None else None)
+
+
+# ----- the custom ops: one call each inside a compiled graph; plain torch on CPU ----------------
+def _rms_normed(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
+    """x / rms(x) * (weight + offset) computed in float32, cast back (layers.RMSNorm's order)."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (x32 * (weight.float() + offset)).to(x.dtype)
+
+
+@torch.library.custom_op("phasewatt::gemv", mutates_args=())
+def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None, out_scale: float = 1.0) -> torch.Tensor:
+    """out_scale * x @ weight.T (+ residual): the Triton kernel on CUDA, F.linear elsewhere."""
+    if x.is_cuda:
+        return triton_gemv(x, weight, residual=residual, out_scale=out_scale)[0]
+    y = F.linear(x, weight)
+    y = y * out_scale if out_scale != 1.0 else y
+    return residual + y if residual is not None else y
+
+
+@gemv.register_fake
+def _(x, weight, residual=None, out_scale=1.0):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("phasewatt::gemv_swiglu", mutates_args=())
+def gemv_swiglu(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None, out_scale: float = 1.0) -> torch.Tensor:
+    """out_scale * (silu(gate) * up) @ weight.T (+ residual) for x = [gate | up]."""
+    if x.is_cuda:
+        return triton_gemv(x, weight, swiglu=True, residual=residual, out_scale=out_scale)[0]
+    gate, up = x.chunk(2, dim=-1)
+    y = F.linear(F.silu(gate) * up, weight)
+    y = y * out_scale if out_scale != 1.0 else y
+    return residual + y if residual is not None else y
+
+
+@gemv_swiglu.register_fake
+def _(x, weight, residual=None, out_scale=1.0):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("phasewatt::gemv_rmsnorm", mutates_args=())
+def gemv_rmsnorm(
+    x: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, norm_offset: float,
+    weight: torch.Tensor, out_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out_scale * RMSNorm(x + delta) @ weight.T, x + delta); without delta the second output
+    is empty (the sum is x itself)."""
+    if x.is_cuda:
+        y, total = triton_gemv(x, weight, delta=delta, norm_weight=norm_weight, eps=eps, norm_offset=norm_offset, out_scale=out_scale)
+        return y, (total if total is not None else x.new_empty(0))
+    total = x + delta if delta is not None else x
+    normed = _rms_normed(total, norm_weight, eps, norm_offset)
+    normed = normed * out_scale if out_scale != 1.0 else normed
+    return F.linear(normed, weight), (total if delta is not None else x.new_empty(0))
+
+
+@gemv_rmsnorm.register_fake
+def _(x, delta, norm_weight, eps, norm_offset, weight, out_scale=1.0):
+    return x.new_empty((*x.shape[:-1], weight.shape[0])), (torch.empty_like(x) if delta is not None else x.new_empty(0))
+
+
+# ----- what the models call ---------------------------------------------------------------------
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gemv_max_rows: int = 0) -> torch.Tensor:
+    """F.linear, through the GEMV kernel when x has 1..gemv_max_rows rows (decode steps)."""
+    if _takes(x, gemv_max_rows):
+        y = torch.ops.phasewatt.gemv(x, weight)
+        return y + bias if bias is not None else y
+    return F.linear(x, weight, bias)
+
+
+def _takes(x: torch.Tensor, gemv_max_rows: int) -> bool:
+    return bool(gemv_max_rows) and x.numel() // x.shape[-1] <= gemv_max_rows
+
+
+def norm_linear(x, delta, norm: nn.Module, lin: "Linear", out_scale: float = 1.0):
+    """(lin(norm(x + delta) * out_scale), x + delta), delta optional. Through the kernel the
+    residual add and the norm are its prologue (one kernel instead of three); otherwise the
+    modules run as they are. `norm` needs weight, eps and weight_offset (0 for x * w, 1 for
+    the zero-centred x * (1 + w))."""
+    if _takes(x, lin.gemv_max_rows) and lin.bias is None:
+        y, total = torch.ops.phasewatt.gemv_rmsnorm(x, delta, norm.weight, norm.eps, norm.weight_offset, lin.weight, out_scale)
+        return y, (total if delta is not None else x)
+    total = x + delta if delta is not None else x
+    normed = norm(total)
+    return lin(normed * out_scale if out_scale != 1.0 else normed), total
+
+
+def residual_linear(x, lin: "Linear", residual, out_scale: float = 1.0):
+    """residual + lin(x) * out_scale; through the kernel the add is its epilogue."""
+    if _takes(x, lin.gemv_max_rows) and lin.bias is None:
+        return torch.ops.phasewatt.gemv(x, lin.weight, residual, out_scale)
+    y = lin(x)
+    return residual + (y * out_scale if out_scale != 1.0 else y)
+
+
+def swiglu_residual(gate_up, lin: "Linear", residual, out_scale: float = 1.0):
+    """The SwiGLU down projection of gate_up = [gate | up] added to the residual stream, as
+    (h, delta): through the kernel, silu(gate) * up is its prologue and the add its epilogue
+    ((residual + y, None)); otherwise (residual, y), so that the add happens where the caller
+    can fuse it with the next norm."""
+    if _takes(gate_up, lin.gemv_max_rows) and lin.bias is None:
+        return torch.ops.phasewatt.gemv_swiglu(gate_up, lin.weight, residual, out_scale), None
+    gate, up = gate_up.chunk(2, dim=-1)
+    y = lin(F.silu(gate) * up)
+    return residual, (y * out_scale if out_scale != 1.0 else y)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose small-batch products can go through the GEMV kernel (gemv_max_rows > 0,
+    set by use_gemv)."""
+
+    gemv_max_rows = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, self.gemv_max_rows)
+
+
+def use_gemv(model: nn.Module, max_rows: int) -> int:
+    """Route the products of every Linear of `model` (and a model's own tied-head products,
+    via its gemv_max_rows attribute) with at most max_rows rows through the kernel; 0 turns
+    it off. Returns how many layers it set."""
+    if not 0 <= max_rows <= MAX_ROWS:
+        raise ValueError(f"gemv max_rows {max_rows}; allowed: 0..{MAX_ROWS}")
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.gemv_max_rows = max_rows
+            count += 1
+    model.gemv_max_rows = max_rows
+    return count
