@@ -61,6 +61,8 @@ VARIANTS = {
     "graph": {"cuda_graph": True, "compile": False},
     "compile": {"cuda_graph": True, "compile": "auto"},
     "compile-nogemv": {"cuda_graph": True, "compile": "auto", "gemv_max_rows": 0},
+    "compile-unfused": {"cuda_graph": True, "compile": "auto", "gemv_fuse": False},
+    "compile-fused": {"cuda_graph": True, "compile": "auto", "gemv_fuse": True},
     "compile-max": {"cuda_graph": True, "compile": "auto", "compile_mode": "max-autotune-no-cudagraphs"},
 }
 

@@ -360,3 +360,19 @@ def test_engine_option_routes_decode_through_the_op_with_the_same_tokens():
     assert calls == 5 * decode_products("gqa")
     assert all(m.gemv_max_rows == 1 for m in model.modules() if isinstance(m, gemv.Linear))
     assert torch.equal(tokens, default_tokens)
+
+
+@pytest.mark.parametrize("arch", ["gqa", "mla", "gdn", "mamba2"])
+def test_fused_and_unfused_decode_route_through_different_ops(arch, fresh_dynamo):
+    """fuse=True: norms and SwiGLU ride on gemv_rmsnorm/gemv_swiglu; fuse=False: every product
+    is the plain op (the neighbours stay in the graph); same number of products either way."""
+    model = tiny_model(arch)
+    model.setup_caches(1, 8)
+    args = (torch.zeros(1, dtype=torch.long), torch.tensor([3]))
+    for fuse in (True, False):
+        gemv.use_gemv(model, 1, fuse=fuse)
+        targets = traced_targets(model.decode, *args)
+        fused = sum(t in (torch.ops.phasewatt.gemv_rmsnorm, torch.ops.phasewatt.gemv_rmsnorm.default,
+                          torch.ops.phasewatt.gemv_swiglu, torch.ops.phasewatt.gemv_swiglu.default) for t in targets)
+        assert sum(t in GEMV_TARGETS for t in targets) == decode_products(arch), fuse
+        assert (fused > 0) == fuse, (fuse, fused)

@@ -34,6 +34,7 @@ DEFAULT_OPTIONS = {
     "compile_prefill": "auto",  # true | false | auto (= whenever the decode step is compiled)
     "prefill_graph": "auto",  # true | false | auto (= on CUDA with cuda_graph, prompts of <= PREFILL_GRAPH_MAX_TOKENS)
     "coordinate_descent_tuning": True,  # inductor's tuning that turns batch-1 GEMVs into fused reductions
+    "gemv_fuse": True,  # norms, SiLU*up and residual adds fused into the GEMV kernel
     "gemv_max_rows": "auto",  # products of at most this many rows through the Triton GEMV (0: off; auto: see models.gemv)
 }
 COMPILE_CHOICES = (True, False, "auto")
@@ -63,6 +64,8 @@ def resolve_options(options: dict | None) -> dict:
             raise ConfigError(f"engine_options.{key}: {resolved[key]!r}; allowed: true, false, auto")
     if not isinstance(resolved["coordinate_descent_tuning"], bool):
         raise ConfigError(f"engine_options.coordinate_descent_tuning: {resolved['coordinate_descent_tuning']!r}; allowed: true, false")
+    if not isinstance(resolved["gemv_fuse"], bool):
+        raise ConfigError(f"engine_options.gemv_fuse: {resolved['gemv_fuse']!r}; allowed: true, false")
     rows = resolved["gemv_max_rows"]
     if rows != "auto" and (not isinstance(rows, int) or isinstance(rows, bool) or not 0 <= rows <= GEMV_MAX_ROWS):
         raise ConfigError(f"engine_options.gemv_max_rows: {rows!r}; allowed: auto or an integer 0..{GEMV_MAX_ROWS}")
@@ -131,7 +134,7 @@ class NativeEngine:
         elif self.on_cuda and getattr(model, "cuda_decode_attention", None):
             model.set_decode_attention(model.cuda_decode_attention)
         self.gemv_max_rows = self._gemv_max_rows()
-        use_gemv(self.model, self.gemv_max_rows)
+        use_gemv(self.model, self.gemv_max_rows, fuse=self.options["gemv_fuse"])
         if self.compile_how != "none" or self.compile_prefill:
             self._configure_inductor()
         if self.compile_prefill and hasattr(self.model, "compile_prefill"):
@@ -317,6 +320,7 @@ class NativeEngine:
             "prefill_graph": self.prefill_graph is not None,
             "prefill_graph_error": self.prefill_graph_error,
             "gemv_max_rows": self.gemv_max_rows,
+            "gemv_fuse": self.options["gemv_fuse"] if self.gemv_max_rows else None,
             "coordinate_descent_tuning": self.options["coordinate_descent_tuning"] if self.compile_how != "none" or self.compile_prefill else None,
             "cache_len": getattr(self.model, "cache_len", None),
             "checkpoint": str(self.checkpoint) if self.checkpoint else None,

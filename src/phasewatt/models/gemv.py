@@ -247,12 +247,17 @@ def _takes(x: torch.Tensor, gemv_max_rows: int) -> bool:
     return bool(gemv_max_rows) and x.numel() // x.shape[-1] <= gemv_max_rows
 
 
+def _fuses(x: torch.Tensor, lin: "Linear") -> bool:
+    """Whether lin's product of x goes through the kernel with its neighbours fused in."""
+    return lin.gemv_fuse and lin.bias is None and _takes(x, lin.gemv_max_rows)
+
+
 def norm_linear(x, delta, norm: nn.Module, lin: "Linear", out_scale: float = 1.0):
     """(lin(norm(x + delta) * out_scale), x + delta), delta optional. Through the kernel the
     residual add and the norm are its prologue (one kernel instead of three); otherwise the
     modules run as they are. `norm` needs weight, eps and weight_offset (0 for x * w, 1 for
     the zero-centred x * (1 + w))."""
-    if _takes(x, lin.gemv_max_rows) and lin.bias is None:
+    if _fuses(x, lin):
         y, total = torch.ops.phasewatt.gemv_rmsnorm(x, delta, norm.weight, norm.eps, norm.weight_offset, lin.weight, out_scale)
         return y, (total if delta is not None else x)
     total = x + delta if delta is not None else x
@@ -262,7 +267,7 @@ def norm_linear(x, delta, norm: nn.Module, lin: "Linear", out_scale: float = 1.0
 
 def residual_linear(x, lin: "Linear", residual, out_scale: float = 1.0):
     """residual + lin(x) * out_scale; through the kernel the add is its epilogue."""
-    if _takes(x, lin.gemv_max_rows) and lin.bias is None:
+    if _fuses(x, lin):
         return torch.ops.phasewatt.gemv(x, lin.weight, residual, out_scale)
     y = lin(x)
     return residual + (y * out_scale if out_scale != 1.0 else y)
@@ -273,7 +278,7 @@ def swiglu_residual(gate_up, lin: "Linear", residual, out_scale: float = 1.0):
     (h, delta): through the kernel, silu(gate) * up is its prologue and the add its epilogue
     ((residual + y, None)); otherwise (residual, y), so that the add happens where the caller
     can fuse it with the next norm."""
-    if _takes(gate_up, lin.gemv_max_rows) and lin.bias is None:
+    if _fuses(gate_up, lin):
         return torch.ops.phasewatt.gemv_swiglu(gate_up, lin.weight, residual, out_scale), None
     gate, up = gate_up.chunk(2, dim=-1)
     y = lin(F.silu(gate) * up)
@@ -285,21 +290,25 @@ class Linear(nn.Linear):
     set by use_gemv)."""
 
     gemv_max_rows = 0
+    gemv_fuse = True  # norm_linear & co. may fuse its neighbours into the kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self.gemv_max_rows)
 
 
-def use_gemv(model: nn.Module, max_rows: int) -> int:
+def use_gemv(model: nn.Module, max_rows: int, fuse: bool = True) -> int:
     """Route the products of every Linear of `model` (and a model's own tied-head products,
     via its gemv_max_rows attribute) with at most max_rows rows through the kernel; 0 turns
-    it off. Returns how many layers it set."""
+    it off. fuse: the norms, SiLU*up and residual adds around them as the kernel's prologue
+    and epilogue (else inductor fuses them into kernels of their own). Returns how many
+    layers it set."""
     if not 0 <= max_rows <= MAX_ROWS:
         raise ValueError(f"gemv max_rows {max_rows}; allowed: 0..{MAX_ROWS}")
     count = 0
     for module in model.modules():
         if isinstance(module, Linear):
             module.gemv_max_rows = max_rows
+            module.gemv_fuse = fuse
             count += 1
     model.gemv_max_rows = max_rows
     return count
