@@ -32,6 +32,7 @@ import torch._dynamo.config as dynamo_config
 import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 import yaml
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from phasewatt.io import write_json, write_text
 from phasewatt.models import gemv
@@ -48,8 +49,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(ROOT / "config.yaml"))
     p.add_argument("--models", default=None, help="comma-separated model names (default: all of config.yaml)")
-    p.add_argument("--rows", default="1,8", help="rows of x (decode batch sizes) to tune")
-    p.add_argument("--inductor-models", default="gqa", help="models whose shapes are also timed through inductor (slow to compile)")
+    p.add_argument("--rows", default="1", help="rows of x (decode batch sizes) to tune; the engine uses the kernel at batch 1")
+    p.add_argument("--inductor-models", default="", help="models whose plain shapes are also timed through inductor (slow to compile)")
     p.add_argument("--budget-s", type=float, default=360.0, help="stop tuning new shapes after this many seconds")
     p.add_argument("--write-table", default="auto", help="tuned table path; auto = the package's gemv_configs/<GPU>.json; none = do not write")
     p.add_argument("--out", default=os.environ.get("OUT"))
@@ -60,19 +61,37 @@ def parse_args(argv=None):
     return args
 
 
-def model_shapes(specs: list[ModelSpec]) -> dict[tuple[int, int], dict[str, int]]:
-    """(N, K) of every weight a decode step multiplies by -> {model: products per step}."""
-    shapes: dict[tuple[int, int], dict[str, int]] = {}
+class _Products(TorchDispatchMode):
+    """Records (variant, N, K) of every GEMV op a traced call makes."""
+
+    OPS = {"gemv": "plain", "gemv_rmsnorm": "norm", "gemv_swiglu": "swiglu"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen: dict[tuple[str, int, int], int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name().removeprefix("phasewatt::").split(".")[0] if func.namespace == "phasewatt" else None
+        if name in self.OPS:
+            weight = args[5] if name == "gemv_rmsnorm" else args[1]
+            key = (self.OPS[name], weight.shape[0], weight.shape[1])
+            self.seen[key] = self.seen.get(key, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def decode_products(specs: list[ModelSpec]) -> dict[tuple[str, int, int], dict[str, int]]:
+    """(variant, N, K) of every product a batch-1 decode step makes through the kernel ->
+    {model: products per step}, from one step of each model on the meta device."""
+    products: dict[tuple[str, int, int], dict[str, int]] = {}
     for spec in specs:
-        model = build_model(spec, device="meta", dtype=torch.bfloat16)
-        weights = [m.weight for m in model.modules() if isinstance(m, gemv.Linear)]
-        if getattr(model, "lm_head", None) is None and hasattr(model, "embed") and spec.tied_embeddings:
-            if not any(w is model.embed.weight for w in weights):
-                weights.append(model.embed.weight)  # a recurrent model's tied head: F.linear on the embedding
-        for w in weights:
-            per_model = shapes.setdefault((w.shape[0], w.shape[1]), {})
-            per_model[spec.name] = per_model.get(spec.name, 0) + 1
-    return shapes
+        model = build_model(spec, device="meta", dtype=torch.bfloat16).eval().requires_grad_(False)
+        gemv.use_gemv(model, 1)
+        model.setup_caches(1, 64)
+        with torch.no_grad(), _Products() as seen:
+            model.decode(torch.zeros(1, dtype=torch.long, device="meta"), torch.tensor([3], device="meta"))
+        for key, count in seen.seen.items():
+            products.setdefault(key, {})[spec.name] = count
+    return products
 
 
 def candidate_configs(rows: int, k: int) -> list[dict]:
@@ -145,31 +164,60 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def tune_shape(rows, n, k, timer, with_inductor) -> list[dict]:
-    """Every timing of one (rows, N, K): cublas, inductor (optional), each kernel config."""
+def variant_call(variant: str, rows: int, n: int, k: int):
+    """(inputs, kernel(x, w, config), float32 reference(w)) of one fused variant, as the models
+    use it: plain with a residual epilogue, norm with a delta (the sum written), swiglu with a
+    residual."""
+    x = torch.randn(rows, 2 * k if variant == "swiglu" else k, device="cuda", dtype=torch.bfloat16)
+    residual = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16)
+    delta = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    norm_weight = torch.rand(k, device="cuda", dtype=torch.bfloat16)
+    if variant == "norm":
+        def kernel(a, w, config):
+            return gemv.triton_gemv(a, w, config, delta=delta, norm_weight=norm_weight, eps=1e-6)[0]
+
+        s = x.float() + delta.float()
+        normed = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6) * norm_weight.float()
+        return x, kernel, lambda w: F.linear(normed, w.float())
+    if variant == "swiglu":
+        def kernel(a, w, config):
+            return gemv.triton_gemv(a, w, config, swiglu=True, residual=residual)[0]
+
+        gate, up = x.float().chunk(2, dim=-1)
+        return x, kernel, lambda w: residual.float() + F.linear(F.silu(gate) * up, w.float())
+
+    def kernel(a, w, config):
+        return gemv.triton_gemv(a, w, config, residual=residual)[0]
+
+    return x, kernel, lambda w: residual.float() + F.linear(x.float(), w.float())
+
+
+def tune_shape(variant, rows, n, k, timer, with_inductor) -> list[dict]:
+    """Every timing of one (variant, rows, N, K): cublas's plain product (the baseline),
+    inductor's (optional), each kernel config of the variant."""
     nbytes = n * k * 2
     copies = max(2, min(MAX_COPIES, math.ceil(COPY_BYTES_TARGET / nbytes)))
     weights_all = torch.randn(copies, n, k, device="cuda", dtype=torch.bfloat16)
     weights = list(weights_all.unbind(0))
-    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-    ref = F.linear(x.float(), weights[0].float())
-    out = [{"variant": "cublas", "seconds": timer(F.linear, x, weights)}]
+    x, kernel, reference = variant_call(variant, rows, n, k)
+    ref = reference(weights[0])
+    plain_x = x[:, :k].contiguous()
+    out = [{"variant": "cublas", "seconds": timer(F.linear, plain_x, weights)}]
     if with_inductor:
         compiled = torch.compile(lambda a, b: F.linear(a, b), dynamic=False, fullgraph=True)
         t = time.perf_counter()
-        compiled(x, weights[0])
-        out.append({"variant": "inductor", "seconds": timer(compiled, x, weights), "compile_s": time.perf_counter() - t})
+        compiled(plain_x, weights[0])
+        out.append({"variant": "inductor", "seconds": timer(compiled, plain_x, weights), "compile_s": time.perf_counter() - t})
     rule = gemv.default_config(rows, n, k)
     for config in candidate_configs(rows, k):
-        row = {"variant": "triton", **config, "rule": config == rule}
+        row = {"variant": f"triton-{variant}", **config, "rule": config == rule}
         try:
-            poison = gemv.triton_gemv(x, weights[0], config)[0]
-            err = rel_err(poison, ref)
+            err = rel_err(kernel(x, weights[0], config), ref)
             if not math.isfinite(err) or err > REL_ERR_LIMIT:
                 out.append({**row, "status": f"wrong: rel err {err:.2e}"})
                 continue
             row["rel_err"] = err
-            row["seconds"] = timer(lambda a, b, c=config: gemv.triton_gemv(a, b, c)[0], x, weights)
+            row["seconds"] = timer(lambda a, b, c=config: kernel(a, b, c), x, weights)
             out.append(row)
         except Exception as exc:  # a config the compiler rejects (registers, shared memory)
             out.append({**row, "status": f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"})
@@ -192,11 +240,14 @@ def main(argv=None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     specs = load_specs(args)
-    shapes = model_shapes(specs)
+    products = decode_products(specs)
     rows_list = [int(r) for r in args.rows.split(",")]
     inductor_models = set(args.inductor_models.split(",")) if args.inductor_models else set()
     if args.smoke or not torch.cuda.is_available():
-        lines = [f"{n} x {k}: " + ", ".join(f"{m} x{c}" for m, c in users.items()) for (n, k), users in sorted(shapes.items())]
+        lines = [
+            f"{variant} {n} x {k}: " + ", ".join(f"{m} x{c}" for m, c in users.items())
+            for (variant, n, k), users in sorted(products.items())
+        ]
         write_text(out_dir / "gemv_shapes.txt", "\n".join(lines) + "\n")
         print("\n".join(lines))
         return 0
@@ -209,25 +260,29 @@ def main(argv=None) -> int:
     timer = GraphTimer()
     started = time.perf_counter()
     results, table = [], {}
-    order = sorted(shapes.items(), key=lambda item: -item[0][0] * item[0][1])
+    order = sorted(products.items(), key=lambda item: -item[0][1] * item[0][2])
     for rows in rows_list:
-        for (n, k), users in order:
+        for (variant, n, k), users in order:
             if time.perf_counter() - started > args.budget_s:
-                print(f"budget reached: rows {rows} {n}x{k} and later not tuned", flush=True)
+                print(f"budget reached: rows {rows} {variant} {n}x{k} and later not tuned", flush=True)
                 break
-            timings = tune_shape(rows, n, k, timer, rows == 1 and bool(inductor_models & set(users)))
+            with_inductor = rows == 1 and variant == "plain" and bool(inductor_models & set(users))
+            timings = tune_shape(variant, rows, n, k, timer, with_inductor)
             floor_s = n * k * 2 / bandwidth
             for t in timings:
-                results.append({"rows": rows, "N": n, "K": k, "floor_s": floor_s, **t})
-            ok = [t for t in timings if t["variant"] == "triton" and "seconds" in t]
+                results.append({"kind": variant, "rows": rows, "N": n, "K": k, "floor_s": floor_s, **t})
+            ok = [t for t in timings if t["variant"].startswith("triton") and "seconds" in t]
             if ok:
                 best = min(ok, key=lambda t: t["seconds"])
-                table[gemv.config_key(rows, n, k)] = {key: best[key] for key in gemv.CONFIG_KEYS} | {
+                table[gemv.config_key(rows, n, k, variant)] = {key: best[key] for key in gemv.CONFIG_KEYS} | {
                     "us": round(best["seconds"] * 1e6, 2), "share_of_copy_bandwidth": round(floor_s / best["seconds"], 3),
                 }
             cublas = next(t for t in timings if t["variant"] == "cublas")["seconds"]
             best_s = min((t["seconds"] for t in ok), default=float("nan"))
-            print(f"rows {rows} {n:>6} x {k:>5}: floor {floor_s * 1e6:7.1f} us  cublas {floor_s / cublas:5.0%}  best triton {floor_s / best_s:5.0%}", flush=True)
+            print(
+                f"rows {rows} {variant:>6} {n:>6} x {k:>5}: floor {floor_s * 1e6:7.1f} us  cublas (plain) {floor_s / cublas:5.0%}"
+                f"  best triton {floor_s / best_s:5.0%}", flush=True,
+            )
     payload = {
         "device": device_name, "torch": torch.__version__, "triton": _triton_version(),
         "copy_tb_s": round(bandwidth / 1e12, 3), "made_by": "benchmarks/gemv_sweep.py", "configs": table,
@@ -238,7 +293,7 @@ def main(argv=None) -> int:
     for path in targets:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, payload)
-    _write_reports(out_dir, results, shapes, specs, device_name, bandwidth)
+    _write_reports(out_dir, results, products, device_name, bandwidth)
     return 0
 
 
@@ -248,45 +303,48 @@ def _triton_version() -> str:
     return triton.__version__
 
 
-def _write_reports(out_dir: Path, results: list[dict], shapes, specs, device_name: str, bandwidth: float) -> None:
+def _write_reports(out_dir: Path, results: list[dict], products, device_name: str, bandwidth: float) -> None:
     import pandas as pd
 
     frame = pd.DataFrame(results)
     frame.to_csv(out_dir / "gemv_sweep.csv", index=False)
     timed = frame[frame["seconds"].notna()] if "seconds" in frame else frame.iloc[0:0]
-    lines = [f"# GEMV sweep on {device_name}", "", f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; share = floor / time", ""]
-    lines += ["| rows | N | K | floor us | cublas | inductor | triton rule | triton best | best config |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"# GEMV sweep on {device_name}", "", f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; share = floor (weight bytes / copy bandwidth) / time", ""]
+    lines += [
+        "| kind | rows | N | K | floor us | cublas plain | inductor plain | triton rule | triton best | best config |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     per_model: dict[tuple[str, int], dict[str, float]] = {}
-    for (rows, n, k), group in timed.groupby(["rows", "N", "K"]):
+    for (kind, rows, n, k), group in timed.groupby(["kind", "rows", "N", "K"]):
         floor_s = group["floor_s"].iloc[0]
 
         def share(mask):
             sub = group[mask]
             return f"{floor_s / sub['seconds'].min():.0%}" if len(sub) else ""
 
-        triton = group[group["variant"] == "triton"]
+        triton = group[group["variant"].str.startswith("triton")]
         best = triton.loc[triton["seconds"].idxmin()] if len(triton) else None
         best_cfg = "" if best is None else f"{int(best.BLOCK_N)}x{int(best.BLOCK_K)} w{int(best.num_warps)} s{int(best.num_stages)}"
+        rule = triton["rule"].astype(bool) if len(triton) else triton["variant"].isna()
         lines.append(
-            f"| {rows} | {n} | {k} | {floor_s * 1e6:.1f} | {share(group['variant'] == 'cublas')} | {share(group['variant'] == 'inductor')} "
-            f"| {share((group['variant'] == 'triton') & (group['rule'] == True))} | {share(group['variant'] == 'triton')} | {best_cfg} |"  # noqa: E712
+            f"| {kind} | {rows} | {n} | {k} | {floor_s * 1e6:.1f} | {share(group['variant'] == 'cublas')} | {share(group['variant'] == 'inductor')} "
+            f"| {f'{floor_s / triton[rule].seconds.min():.0%}' if rule.any() else ''} | {share(group['variant'].str.startswith('triton'))} | {best_cfg} |"
         )
-        for model, count in shapes[(n, k)].items():
+        for model, count in products[(kind, n, k)].items():
             acc = per_model.setdefault((model, rows), {"floor": 0.0, "cublas": 0.0, "best": 0.0})
             acc["floor"] += count * floor_s
             acc["cublas"] += count * group[group["variant"] == "cublas"]["seconds"].min()
             acc["best"] += count * (triton["seconds"].min() if len(triton) else float("nan"))
-    lines += ["", "Per decode step, all products of a model (sum over its layers):", ""]
+    lines += ["", "Per decode step, all products of a model (sum over its layers; cublas: the plain products alone):", ""]
     lines += ["| model | rows | floor ms | cublas ms | triton best ms | cublas share | triton share |", "|---|---|---|---|---|---|---|"]
     for (model, rows), acc in sorted(per_model.items()):
         lines.append(
             f"| {model} | {rows} | {acc['floor'] * 1e3:.3f} | {acc['cublas'] * 1e3:.3f} | {acc['best'] * 1e3:.3f} "
             f"| {acc['floor'] / acc['cublas']:.0%} | {acc['floor'] / acc['best']:.0%} |"
         )
-    failed = frame[frame.get("status", pd.Series(dtype=str)).notna()] if "status" in frame else frame.iloc[0:0]
+    failed = frame[frame["status"].notna()] if "status" in frame else frame.iloc[0:0]
     lines += ["", f"configs rejected (compile error or wrong result): {len(failed)}"]
-    if len(failed):
-        lines += [f"- {r.rows} {r.N}x{r.K} {r.BLOCK_N}x{r.BLOCK_K} w{r.num_warps} s{r.num_stages}: {r.status}" for r in failed.head(20).itertuples()]
+    lines += [f"- {r.kind} {r.rows} {r.N}x{r.K} {r.BLOCK_N}x{r.BLOCK_K} w{r.num_warps} s{r.num_stages}: {r.status}" for r in failed.head(20).itertuples()]
     text = "\n".join(lines) + "\n"
     write_text(out_dir / "gemv_sweep.md", text)
     print(text)

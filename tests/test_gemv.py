@@ -376,3 +376,36 @@ def test_fused_and_unfused_decode_route_through_different_ops(arch, fresh_dynamo
                           torch.ops.phasewatt.gemv_swiglu, torch.ops.phasewatt.gemv_swiglu.default) for t in targets)
         assert sum(t in GEMV_TARGETS for t in targets) == decode_products(arch), fuse
         assert (fused > 0) == fuse, (fuse, fused)
+
+
+def test_fused_ops_pass_opcheck_on_cpu():
+    """Schemas, fake impls and CPU impls of the fused ops agree (shapes, dtypes, mutation)."""
+    torch.manual_seed(0)
+    x, delta, gate = torch.randn(1, 32), torch.randn(1, 32), torch.randn(1, 32)
+    weight, residual = torch.randn(24, 32), torch.randn(1, 24)
+    torch.library.opcheck(torch.ops.phasewatt.gemv_rmsnorm.default, (x, delta, None, torch.rand(32), 1e-6, 1.0, weight, None, 0.5))
+    torch.library.opcheck(torch.ops.phasewatt.gemv_rmsnorm.default, (x, None, gate, torch.rand(32), 1e-6, 0.0, weight, residual, 1.0))
+    torch.library.opcheck(torch.ops.phasewatt.gemv_swiglu.default, (torch.randn(1, 64), weight, residual, 0.25))
+    torch.library.opcheck(torch.ops.phasewatt.gemv.default, (x, weight, residual, 2.0))
+    state = torch.randn(2, 4, 8, 16)
+    proj = torch.randn(2, 4 * 16 + 2 * 8 + 4)
+    x_in, b, c, dt_raw = proj.split([64, 8, 8, 4], dim=-1)
+    args = (state, x_in, b, c, dt_raw, torch.rand(4), torch.rand(4), torch.rand(4), 0.0, float("inf"), 4)
+    torch.library.opcheck(torch.ops.phasewatt.mamba2_ssd_step.default, args)
+
+
+def test_gated_norm_residual_cpu_op_matches_the_modules():
+    from phasewatt.models.mamba2 import GroupedGatedRMSNorm
+
+    torch.manual_seed(1)
+    norm = GroupedGatedRMSNorm(32, 1, 1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    lin = gemv.Linear(32, 24, bias=False)
+    y, z, h = torch.randn(1, 32), torch.randn(1, 32), torch.randn(1, 24)
+    expected = h + lin(norm(y, z))
+    gemv.use_gemv(lin, 1)
+    with OpCalls() as calls:
+        got = gemv.gated_norm_residual(y, z, norm, lin, h)
+    assert calls.count(GEMV_OP) == 1
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)

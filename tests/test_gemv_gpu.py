@@ -117,3 +117,35 @@ def test_model_decode_through_the_kernel_matches_cublas(arch):
                 token = tokens[:, step]  # the same inputs for both runs, whatever is argmax
         logits[rows] = torch.stack(out)
     assert rel_err(logits[1], logits[0]) < 3e-2
+
+
+def test_gated_norm_prologue_with_float32_input():
+    """Mamba2's out_proj: RMSNorm(y * SiLU(z)) * w @ W.T + residual, y in float32."""
+    k, n = 5120, 2560
+    y = torch.randn(1, k, device="cuda", dtype=torch.float32)
+    z = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    g = torch.rand(k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    residual = torch.randn(1, n, device="cuda", dtype=torch.bfloat16)
+    out, _ = torch.ops.phasewatt.gemv_rmsnorm(y, None, z, g, 1e-5, 0.0, w, residual, 1.0)
+    gated = y * F.silu(z.float())
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, residual.float() + F.linear(_rms(gated, g, 1e-5, 0.0), w.float())) < 1e-2
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_mamba2_ssd_step_kernel_matches_torch(groups):
+    from phasewatt.models import linear_ops
+
+    batch, heads, n, p = 3, 8, 128, 64
+    gen = torch.Generator("cuda").manual_seed(groups)
+    state = torch.randn(batch, heads, n, p, device="cuda", generator=gen)
+    proj = torch.randn(batch, heads * p + 2 * groups * n + heads, device="cuda", generator=gen).to(torch.bfloat16)
+    x, b, c, dt_raw = proj.split([heads * p, groups * n, groups * n, heads], dim=-1)
+    dt_bias, a_log, d_skip = (torch.rand(heads, device="cuda", generator=gen) for _ in range(3))
+    limit = (0.0, float("inf")) if groups == 1 else (0.01, 0.5)
+    expected_state = state.clone()
+    expected = linear_ops._mamba2_ssd_step_torch(expected_state, x, b, c, dt_raw, dt_bias, a_log, d_skip, limit, heads // groups)
+    y = linear_ops.mamba2_ssd_step(state, x, b, c, dt_raw, dt_bias, a_log, d_skip, limit, heads // groups)
+    assert rel_err(y, expected) < 1e-5
+    assert rel_err(state, expected_state) < 1e-5

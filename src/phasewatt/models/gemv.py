@@ -49,8 +49,15 @@ def default_config(rows: int, n: int, k: int) -> dict:
     return {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 2}
 
 
-def config_key(rows: int, n: int, k: int) -> str:
-    return f"{rows_bucket(rows)},{n},{k}"
+# What a launch fuses around its product; each is tuned on its own (the prologues add loads and
+# arithmetic per weight tile, so their best tiles differ from the plain product's).
+VARIANTS = ("plain", "norm", "swiglu")
+
+
+def config_key(rows: int, n: int, k: int, variant: str = "plain") -> str:
+    """'rows,N,K' for the plain product, 'variant:rows,N,K' for a fused one."""
+    shape = f"{rows_bucket(rows)},{n},{k}"
+    return shape if variant == "plain" else f"{variant}:{shape}"
 
 
 def table_path(device_name: str) -> Path:
@@ -67,8 +74,10 @@ def load_table(device_name: str) -> dict:
     return json.loads(path.read_text())["configs"]
 
 
-def config_for(device_name: str, rows: int, n: int, k: int) -> dict:
-    tuned = load_table(device_name).get(config_key(rows, n, k))
+def config_for(device_name: str, rows: int, n: int, k: int, variant: str = "plain") -> dict:
+    """The tuned config of this variant and shape, else the plain product's, else the size rule."""
+    table = load_table(device_name)
+    tuned = table.get(config_key(rows, n, k, variant)) or table.get(config_key(rows, n, k))
     return {key: tuned[key] for key in CONFIG_KEYS} if tuned else default_config(rows, n, k)
 
 
@@ -80,10 +89,10 @@ def _kernel():
 
     @triton.jit
     def gemv_kernel(
-        x_ptr, w_ptr, y_ptr, d_ptr, s_ptr, g_ptr, r_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+        x_ptr, w_ptr, y_ptr, d_ptr, s_ptr, z_ptr, g_ptr, r_ptr, M, N, K, stride_xm, stride_zm, stride_wn, stride_ym,
         eps, g_offset, out_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-        NORM: tl.constexpr, HAS_DELTA: tl.constexpr, SWIGLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+        NORM: tl.constexpr, HAS_DELTA: tl.constexpr, GATE: tl.constexpr, SWIGLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     ):
         pid = tl.program_id(0)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -95,6 +104,7 @@ def _kernel():
         rows = tl.where(n_ok, rn, 0).to(tl.int64)
         w_ptrs = w_ptr + rows[:, None] * stride_wn + rk[None, :]
         x_offsets = rm[:, None] * stride_xm + rk[None, :]
+        z_offsets = rm[:, None] * stride_zm + rk[None, :]
         if BLOCK_M == 1:
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         else:
@@ -115,6 +125,9 @@ def _kernel():
                 if HAS_DELTA:  # the residual sum x + delta, written once (by program 0)
                     x += tl.load(d_ptr + x_offsets, mask=x_mask, other=0.0).to(tl.float32)
                     tl.store(s_ptr + x_offsets, x.to(s_ptr.dtype.element_ty), mask=x_mask & (pid == 0))
+                if GATE:  # x * SiLU(z) before the norm (Mamba2's gated norm)
+                    z = tl.load(z_ptr + z_offsets, mask=x_mask, other=0.0).to(tl.float32)
+                    x = x * z * tl.sigmoid(z)
                 squares += x * x
                 g = tl.load(g_ptr + k0 + rk, mask=k_ok, other=0.0).to(tl.float32) + g_offset
                 x = x * g[None, :]
@@ -124,6 +137,7 @@ def _kernel():
                 acc += tl.sum(w.to(tl.float32)[None, :, :] * x[:, None, :], axis=2)
             w_ptrs += BLOCK_K
             x_offsets += BLOCK_K
+            z_offsets += BLOCK_K
         if BLOCK_M == 1:
             y = tl.sum(acc, axis=1)[None, :]
         else:
@@ -141,14 +155,14 @@ def _kernel():
 
 
 def triton_gemv(
-    x: torch.Tensor, weight: torch.Tensor, config: dict | None = None, *, delta=None, norm_weight=None, eps: float = 0.0,
-    norm_offset: float = 0.0, swiglu: bool = False, residual=None, out_scale: float = 1.0,
+    x: torch.Tensor, weight: torch.Tensor, config: dict | None = None, *, delta=None, gate=None, norm_weight=None,
+    eps: float = 0.0, norm_offset: float = 0.0, swiglu: bool = False, residual=None, out_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """y = out_scale * f(x) @ weight.T (+ residual) on CUDA through the kernel, for x [..., K]
     of at most MAX_ROWS rows (x [..., 2K] with swiglu). f: identity; silu(gate) * up (swiglu);
-    or RMSNorm(x + delta) * (norm_weight + norm_offset) (norm_weight given), in which case the
-    sum x + delta is returned too. config: block sizes (CONFIG_KEYS), else the tuned table or
-    the size rule. Returns (y, sum or None)."""
+    or RMSNorm((x + delta) * SiLU(gate)) * (norm_weight + norm_offset) (norm_weight given;
+    delta and gate optional), in which case the sum x + delta is returned too. config: block
+    sizes (CONFIG_KEYS), else the tuned table or the size rule. Returns (y, sum or None)."""
     n = weight.shape[0]
     k = weight.shape[1]
     x2 = x.reshape(-1, x.shape[-1])
@@ -158,17 +172,22 @@ def triton_gemv(
         weight = weight.contiguous()
     rows = x2.shape[0]
     if config is None:
-        config = config_for(torch.cuda.get_device_name(x.device), rows, n, k)
-    y = torch.empty((rows, n), device=x.device, dtype=x.dtype)
+        variant = "norm" if norm_weight is not None else "swiglu" if swiglu else "plain"
+        config = config_for(torch.cuda.get_device_name(x.device), rows, n, k, variant)
+    y = torch.empty((rows, n), device=x.device, dtype=weight.dtype)
     d2 = delta.reshape(rows, k).contiguous() if delta is not None else x2
     total = torch.empty_like(x2) if delta is not None else None
     r2 = residual.reshape(rows, n).contiguous() if residual is not None else y
+    z2 = gate.reshape(rows, k) if gate is not None else x2
+    if z2.stride(-1) != 1:
+        z2 = z2.contiguous()
     grid = ((n + config["BLOCK_N"] - 1) // config["BLOCK_N"],)
     _kernel()[grid](
-        x2, weight, y, d2, total if total is not None else x2, norm_weight if norm_weight is not None else weight, r2,
-        rows, n, k, x2.stride(0), weight.stride(0), y.stride(0), float(eps), float(norm_offset), float(out_scale),
+        x2, weight, y, d2, total if total is not None else x2, z2, norm_weight if norm_weight is not None else weight, r2,
+        rows, n, k, x2.stride(0), z2.stride(0), weight.stride(0), y.stride(0), float(eps), float(norm_offset), float(out_scale),
         BLOCK_M=rows_bucket(rows), BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], EVEN_K=k % config["BLOCK_K"] == 0,
-        NORM=norm_weight is not None, HAS_DELTA=delta is not None, SWIGLU=swiglu, HAS_RESIDUAL=residual is not None,
+        NORM=norm_weight is not None, HAS_DELTA=delta is not None, GATE=gate is not None, SWIGLU=swiglu,
+        HAS_RESIDUAL=residual is not None,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return y.view(*x.shape[:-1], n), (total.view(x.shape) if total is not None else None)
@@ -194,7 +213,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = 
 
 @gemv.register_fake
 def _(x, weight, residual=None, out_scale=1.0):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=weight.dtype)
 
 
 @torch.library.custom_op("phasewatt::gemv_swiglu", mutates_args=())
@@ -210,28 +229,34 @@ def gemv_swiglu(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | 
 
 @gemv_swiglu.register_fake
 def _(x, weight, residual=None, out_scale=1.0):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=weight.dtype)
 
 
 @torch.library.custom_op("phasewatt::gemv_rmsnorm", mutates_args=())
 def gemv_rmsnorm(
-    x: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, norm_offset: float,
-    weight: torch.Tensor, out_scale: float = 1.0,
+    x: torch.Tensor, delta: torch.Tensor | None, gate: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+    norm_offset: float, weight: torch.Tensor, residual: torch.Tensor | None = None, out_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out_scale * RMSNorm(x + delta) @ weight.T, x + delta); without delta the second output
-    is empty (the sum is x itself)."""
+    """(out_scale * RMSNorm((x + delta) * SiLU(gate)) @ weight.T (+ residual), x + delta);
+    delta and gate optional; without delta the second output is empty (the sum is x itself)."""
     if x.is_cuda:
-        y, total = triton_gemv(x, weight, delta=delta, norm_weight=norm_weight, eps=eps, norm_offset=norm_offset, out_scale=out_scale)
+        y, total = triton_gemv(
+            x, weight, delta=delta, gate=gate, norm_weight=norm_weight, eps=eps, norm_offset=norm_offset,
+            residual=residual, out_scale=out_scale,
+        )
         return y, (total if total is not None else x.new_empty(0))
     total = x + delta if delta is not None else x
-    normed = _rms_normed(total, norm_weight, eps, norm_offset)
+    gated = total.float() * F.silu(gate.float()) if gate is not None else total
+    normed = _rms_normed(gated, norm_weight, eps, norm_offset).to(weight.dtype)
     normed = normed * out_scale if out_scale != 1.0 else normed
-    return F.linear(normed, weight), (total if delta is not None else x.new_empty(0))
+    y = F.linear(normed, weight)
+    return (residual + y if residual is not None else y), (total if delta is not None else x.new_empty(0))
 
 
 @gemv_rmsnorm.register_fake
-def _(x, delta, norm_weight, eps, norm_offset, weight, out_scale=1.0):
-    return x.new_empty((*x.shape[:-1], weight.shape[0])), (torch.empty_like(x) if delta is not None else x.new_empty(0))
+def _(x, delta, gate, norm_weight, eps, norm_offset, weight, residual=None, out_scale=1.0):
+    y = x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=weight.dtype)
+    return y, (torch.empty_like(x) if delta is not None else x.new_empty(0))
 
 
 # ----- what the models call ---------------------------------------------------------------------
@@ -258,7 +283,7 @@ def norm_linear(x, delta, norm: nn.Module, lin: "Linear", out_scale: float = 1.0
     modules run as they are. `norm` needs weight, eps and weight_offset (0 for x * w, 1 for
     the zero-centred x * (1 + w))."""
     if _fuses(x, lin):
-        y, total = torch.ops.phasewatt.gemv_rmsnorm(x, delta, norm.weight, norm.eps, norm.weight_offset, lin.weight, out_scale)
+        y, total = torch.ops.phasewatt.gemv_rmsnorm(x, delta, None, norm.weight, norm.eps, norm.weight_offset, lin.weight, None, out_scale)
         return y, (total if delta is not None else x)
     total = x + delta if delta is not None else x
     normed = norm(total)
@@ -271,6 +296,15 @@ def residual_linear(x, lin: "Linear", residual, out_scale: float = 1.0):
         return torch.ops.phasewatt.gemv(x, lin.weight, residual, out_scale)
     y = lin(x)
     return residual + (y * out_scale if out_scale != 1.0 else y)
+
+
+def gated_norm_residual(x, gate, norm: nn.Module, lin: "Linear", residual):
+    """residual + lin(norm(x, gate)) for a norm of x * SiLU(gate) over the whole row (Mamba2's
+    gated RMSNorm with one group, x possibly float32); through the kernel the gate and norm
+    are its prologue and the add its epilogue."""
+    if _fuses(x, lin) and getattr(norm, "n_groups", 1) == 1:
+        return torch.ops.phasewatt.gemv_rmsnorm(x, None, gate, norm.weight, norm.eps, 0.0, lin.weight, residual, 1.0)[0]
+    return residual + lin(norm(x, gate))
 
 
 def swiglu_residual(gate_up, lin: "Linear", residual, out_scale: float = 1.0):

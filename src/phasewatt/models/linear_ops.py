@@ -17,6 +17,8 @@ o = scale * q^T S. Mamba2's SSD is the special case without the delta correction
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -226,6 +228,85 @@ def simple_gla_step(
     out = decay * read + (qs * kf).sum(-1, keepdim=True) * vf
     state.mul_(decay.unsqueeze(-1)).addcmul_(kf.unsqueeze(-1), vf.unsqueeze(-2))
     return out
+
+
+def mamba2_ssd_step(state, x, b, c, dt_raw, dt_bias, a_log, d_skip, time_step_limit, heads_per_group: int) -> torch.Tensor:
+    """One Mamba2 SSD token from the conv output: state [B, H, N, P] float32 (updated in
+    place); x [B, H*P]; b, c [B, G*N]; dt_raw [B, H] (before softplus); dt_bias, a_log,
+    d_skip [H]. Returns y = C^T S_new + D x [B, H*P] in float32. On CUDA one Triton kernel
+    reads and writes the state once (through inductor the torch form reads it twice, plus
+    small kernels for dt and the skip); elsewhere, or for head or state sizes that are not
+    powers of two, the torch form."""
+    n, p = state.shape[-2:]
+    low, high = (float(v) for v in time_step_limit)
+    if state.is_cuda and not (n & (n - 1) or p & (p - 1)):
+        return torch.ops.phasewatt.mamba2_ssd_step(state, x, b, c, dt_raw, dt_bias, a_log, d_skip, low, high, heads_per_group)
+    return _mamba2_ssd_step_torch(state, x, b, c, dt_raw, dt_bias, a_log, d_skip, (low, high), heads_per_group)
+
+
+@torch.library.custom_op("phasewatt::mamba2_ssd_step", mutates_args=("state",))
+def _mamba2_ssd_step_op(
+    state: torch.Tensor, x: torch.Tensor, b: torch.Tensor, c: torch.Tensor, dt_raw: torch.Tensor, dt_bias: torch.Tensor,
+    a_log: torch.Tensor, d_skip: torch.Tensor, dt_min: float, dt_max: float, heads_per_group: int,
+) -> torch.Tensor:
+    if not state.is_cuda:
+        return _mamba2_ssd_step_torch(state, x, b, c, dt_raw, dt_bias, a_log, d_skip, (dt_min, dt_max), heads_per_group)
+    batch, heads, n, p = state.shape
+    y = torch.empty(batch, heads * p, device=x.device, dtype=torch.float32)
+    block_p = min(p, 32)
+    _ssd_step_kernel()[(batch, heads, p // block_p)](
+        x, b, c, dt_raw, dt_bias, a_log, d_skip, state, y,
+        x.stride(0), b.stride(0), c.stride(0), dt_raw.stride(0), state.stride(0), y.stride(0),
+        heads_per_group, dt_min, dt_max, N=n, P=p, BLOCK_P=block_p, num_warps=4,
+    )
+    return y
+
+
+@_mamba2_ssd_step_op.register_fake
+def _(state, x, b, c, dt_raw, dt_bias, a_log, d_skip, dt_min, dt_max, heads_per_group):
+    return x.new_empty((state.shape[0], state.shape[1] * state.shape[3]), dtype=torch.float32)
+
+
+def _mamba2_ssd_step_torch(state, x, b, c, dt_raw, dt_bias, a_log, d_skip, time_step_limit, heads_per_group: int):
+    batch, heads, n, p = state.shape
+    dt = F.softplus(dt_raw.float() + dt_bias.float()).clamp(*time_step_limit)
+    xh = x.float().unflatten(-1, (heads, p))
+    bh = repeat_heads(b.unflatten(-1, (-1, n)), heads_per_group)
+    ch = repeat_heads(c.unflatten(-1, (-1, n)), heads_per_group)
+    y = simple_gla_step(state, ch, bh, xh * dt.unsqueeze(-1), dt * -a_log.float().exp(), 1.0)
+    return (y + xh * d_skip.float().unsqueeze(-1)).flatten(-2)
+
+
+@functools.lru_cache(maxsize=1)
+def _ssd_step_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def ssd_step_kernel(
+        x_ptr, b_ptr, c_ptr, dt_ptr, dt_bias_ptr, a_log_ptr, d_ptr, state_ptr, y_ptr,
+        stride_x, stride_b, stride_c, stride_dt, stride_state, stride_y, heads_per_group, dt_min, dt_max,
+        N: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr,
+    ):
+        seq = tl.program_id(0)
+        head = tl.program_id(1)
+        rp = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+        rn = tl.arange(0, N)
+        group = head // heads_per_group
+        x = tl.load(x_ptr + seq * stride_x + head * P + rp).to(tl.float32)
+        b = tl.load(b_ptr + seq * stride_b + group * N + rn).to(tl.float32)
+        c = tl.load(c_ptr + seq * stride_c + group * N + rn).to(tl.float32)
+        dt = tl.load(dt_ptr + seq * stride_dt + head).to(tl.float32) + tl.load(dt_bias_ptr + head).to(tl.float32)
+        dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt)))  # softplus, threshold 20 as torch's
+        dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
+        decay = tl.exp(-dt * tl.exp(tl.load(a_log_ptr + head).to(tl.float32)))
+        s_ptrs = state_ptr + seq * stride_state + head * N * P + rn[:, None] * P + rp[None, :]
+        s = tl.load(s_ptrs) * decay + b[:, None] * (x * dt)[None, :]
+        tl.store(s_ptrs, s)
+        y = tl.sum(c[:, None] * s, axis=0) + tl.load(d_ptr + head).to(tl.float32) * x
+        tl.store(y_ptr + seq * stride_y + head * P + rp, y)
+
+    return ssd_step_kernel
 
 
 def recurrent_simple_gla_torch(q, k, v, g, scale: float, initial_state=None):

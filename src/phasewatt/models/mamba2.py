@@ -24,7 +24,7 @@ from torch import nn
 
 from phasewatt.errors import ConfigError
 from phasewatt.models import linear_ops
-from phasewatt.models.gemv import Linear, norm_linear, residual_linear
+from phasewatt.models.gemv import Linear, gated_norm_residual, norm_linear
 from phasewatt.models.layers import RMSNorm
 from phasewatt.models.loader import HFTensors
 from phasewatt.models.recurrent import RecurrentModel
@@ -114,14 +114,16 @@ class Mamba2Mixer(nn.Module):
         ssm_state.copy_(final)
         return self.out_proj(self._gated(y, x, z))
 
-    def decode(self, proj: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
-        """One token from its input projection proj [B, in_proj rows]; returns the gated,
-        normed SSM output [B, d_inner], before out_proj."""
-        z, xbc, dt = self._split(proj)
+    def decode(self, proj: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
+        """One token from its input projection proj [B, in_proj rows]; returns the SSM output
+        y + D x [B, d_inner] (float32) and the gate z, for the gated norm and out_proj."""
+        z, xbc, dt_raw = proj.split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
         xbc = F.silu(linear_ops.causal_conv1d_step(xbc, conv_state, self.conv_weight, self.conv_bias))
-        x, q, k, v, g = self._ssm_inputs(xbc, dt)
-        y = linear_ops.simple_gla_step(ssm_state, q, k, v, g, 1.0)
-        return self._gated(y, x, z)
+        x, b, c = xbc.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
+        y = linear_ops.mamba2_ssd_step(
+            ssm_state, x, b, c, dt_raw, self.dt_bias, self.A_log, self.D, self.time_step_limit, self.n_heads // self.n_groups
+        )
+        return y, z
 
     def make_state(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         weight = self.in_proj.weight
@@ -154,7 +156,8 @@ class Mamba2Block(nn.Module):
     def forward(self, h: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
         """One decode step; the norm and the residual add ride on the projections (gemv)."""
         proj, _ = norm_linear(h, None, self.norm, self.mixer.in_proj)
-        return residual_linear(self.mixer.decode(proj, conv_state, ssm_state), self.mixer.out_proj, h)
+        y, z = self.mixer.decode(proj, conv_state, ssm_state)
+        return gated_norm_residual(y, z, self.mixer.norm, self.mixer.out_proj, h)
 
 
 class Mamba2Model(RecurrentModel):
