@@ -73,7 +73,7 @@ class _Products(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.name().removeprefix("phasewatt::").split(".")[0] if func.namespace == "phasewatt" else None
         if name in self.OPS:
-            weight = args[5] if name == "gemv_rmsnorm" else args[1]
+            weight = args[6] if name == "gemv_rmsnorm" else args[1]
             key = (self.OPS[name], weight.shape[0], weight.shape[1])
             self.seen[key] = self.seen.get(key, 0) + 1
         return func(*args, **(kwargs or {}))

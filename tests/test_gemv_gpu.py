@@ -67,7 +67,7 @@ def test_rmsnorm_prologue(with_delta, offset):
     delta = torch.randn_like(x) if with_delta else None
     g = torch.rand(k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-    y, total = torch.ops.phasewatt.gemv_rmsnorm(x, delta, g, 1e-6, offset, w, 0.5)
+    y, total = torch.ops.phasewatt.gemv_rmsnorm(x, delta, None, g, 1e-6, offset, w, None, 0.5)
     s = x.float() + (delta.float() if with_delta else 0.0)
     assert rel_err(y, 0.5 * F.linear(_rms(s, g, 1e-6, offset), w.float())) < 1e-2
     if with_delta:
