@@ -409,3 +409,17 @@ def test_gated_norm_residual_cpu_op_matches_the_modules():
         got = gemv.gated_norm_residual(y, z, norm, lin, h)
     assert calls.count(GEMV_OP) == 1
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_kernel_wrapper_rejects_mismatched_inputs_before_launching():
+    w = torch.zeros(8, 16)
+    with pytest.raises(ValueError, match="columns"):
+        gemv.triton_gemv(torch.zeros(1, 15), w)
+    with pytest.raises(ValueError, match="needs 32"):
+        gemv.triton_gemv(torch.zeros(1, 16), w, swiglu=True)
+    with pytest.raises(ValueError, match="norm_weight"):
+        gemv.triton_gemv(torch.zeros(1, 16), w, delta=torch.zeros(1, 16))
+    with pytest.raises(ValueError, match="delta has 15"):
+        gemv.triton_gemv(torch.zeros(1, 16), w, delta=torch.zeros(1, 15), norm_weight=torch.ones(16))
+    with pytest.raises(ValueError, match="norm_weight has 8"):
+        gemv.triton_gemv(torch.zeros(1, 16), w, norm_weight=torch.ones(8))

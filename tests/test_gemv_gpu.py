@@ -149,3 +149,18 @@ def test_mamba2_ssd_step_kernel_matches_torch(groups):
     y = linear_ops.mamba2_ssd_step(state, x, b, c, dt_raw, dt_bias, a_log, d_skip, limit, heads // groups)
     assert rel_err(y, expected) < 1e-5
     assert rel_err(state, expected_state) < 1e-5
+
+
+def test_norm_prologue_with_strided_rows_and_delta():
+    """Rows that are not packed (the last position of each prompt in prefill): delta and the
+    written sum still line up with x."""
+    k, n, rows = 2560, 1024, 3
+    big_x = torch.randn(rows, 5, k, device="cuda", dtype=torch.bfloat16)
+    big_d = torch.randn(rows, 5, k, device="cuda", dtype=torch.bfloat16)
+    x, delta = big_x[:, -1], big_d[:, -1]
+    g = torch.rand(k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    y, total = torch.ops.phasewatt.gemv_rmsnorm(x, delta, None, g, 1e-6, 0.0, w, None, 1.0)
+    s = x.float() + delta.float()
+    assert rel_err(total, s) < 1e-2
+    assert rel_err(y, F.linear(_rms(s, g, 1e-6, 0.0), w.float())) < 1e-2

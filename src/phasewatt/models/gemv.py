@@ -165,8 +165,18 @@ def triton_gemv(
     sizes (CONFIG_KEYS), else the tuned table or the size rule. Returns (y, sum or None)."""
     n = weight.shape[0]
     k = weight.shape[1]
+    if x.shape[-1] != (2 * k if swiglu else k):
+        raise ValueError(f"gemv: x has {x.shape[-1]} columns; the weight [{n}, {k}] needs {2 * k if swiglu else k}")
+    if (delta is not None or gate is not None) and norm_weight is None:
+        raise ValueError("gemv: delta and gate are inputs of the norm prologue; give norm_weight")
+    for name, t in (("delta", delta), ("gate", gate)):
+        if t is not None and t.shape[-1] != k:
+            raise ValueError(f"gemv: {name} has {t.shape[-1]} columns, x has {k}")
+    if norm_weight is not None and norm_weight.numel() != k:
+        raise ValueError(f"gemv: norm_weight has {norm_weight.numel()} elements, x has {k} columns")
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.stride(-1) != 1:
+    # delta and the written sum share x's offsets in the kernel: all three packed rows.
+    if x2.stride(-1) != 1 or (delta is not None and x2.stride(0) != k):
         x2 = x2.contiguous()
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
@@ -195,7 +205,8 @@ def triton_gemv(
 
 # ----- the custom ops: one call each inside a compiled graph; plain torch on CPU ----------------
 def _rms_normed(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
-    """x / rms(x) * (weight + offset) computed in float32, cast back (layers.RMSNorm's order)."""
+    """x / rms(x) * (weight + offset) computed in float32, cast back once (layers.RMSNorm casts
+    before the weight product: equal in float32, up to one bf16 rounding apart in bfloat16)."""
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return (x32 * (weight.float() + offset)).to(x.dtype)
@@ -302,7 +313,7 @@ def gated_norm_residual(x, gate, norm: nn.Module, lin: "Linear", residual):
     """residual + lin(norm(x, gate)) for a norm of x * SiLU(gate) over the whole row (Mamba2's
     gated RMSNorm with one group, x possibly float32); through the kernel the gate and norm
     are its prologue and the add its epilogue."""
-    if _fuses(x, lin) and getattr(norm, "n_groups", 1) == 1:
+    if _fuses(x, lin) and norm.n_groups == 1:
         return torch.ops.phasewatt.gemv_rmsnorm(x, None, gate, norm.weight, norm.eps, 0.0, lin.weight, residual, 1.0)[0]
     return residual + lin(norm(x, gate))
 
