@@ -161,10 +161,14 @@ class NativeEngine:
             times["compile_s"], times["warmup_s"] = self._warm_up()
             times["capture_s"] = self._capture() if self.use_graph else 0.0
             times["prefill_capture_s"] = self._capture_prefill() if self.want_prefill_graph else 0.0
-            if not getattr(self.model, "decode_restarts_at_prompt_end", False):
-                # Warm-up advanced a recurrent state (gdn, mamba2): start again after the prompt.
-                self.prefill()
-                self.synchronize()
+            # Once more: compiling the decode step compiled the head for decode's inputs, so an
+            # uncaptured prefill would compile it again on its next call (seconds, inside the
+            # first measured window otherwise); and warm-up advanced a recurrent state (gdn,
+            # mamba2), which must start again after the prompt.
+            t = time.perf_counter()
+            self.prefill()
+            self.synchronize()
+            times["prefill_again_s"] = time.perf_counter() - t
         return times
 
     def _gemv_max_rows(self) -> int:
