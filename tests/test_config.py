@@ -98,3 +98,15 @@ def test_snakemake_stops_with_one_line_and_no_traceback(tmp_path):
     errors = [line for line in lines if line.startswith("phasewatt: error:")]
     assert errors == ["phasewatt: error: grid.dvfs[1]: 'pl9000' is outside the GPU's power-limit range; allowed: pl200 to pl700"]
     assert not (tmp_path / "results").exists()
+
+
+def test_gemv_engine_options_are_validated_before_any_gpu_work():
+    config = copy.deepcopy(DEFAULT)
+    config["engine_options"] = {"gemv_max_rows": "auto", "gemv_fuse": False}
+    validate(config)
+    config["engine_options"] = {"gemv_max_rows": 0}
+    validate(config)
+    message = bad(lambda c: c.__setitem__("engine_options", {"gemv_max_rows": 9}))
+    assert message.startswith("engine_options.gemv_max_rows:"), message
+    message = bad(lambda c: c.__setitem__("engine_options", {"gemv_fuse": "yes"}))
+    assert message.startswith("engine_options.gemv_fuse:"), message
