@@ -55,6 +55,8 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
     if kind == "enum":
         allowed = ", ".join(str(v) for v in error.validator_value)
         return f"{where}: {error.instance!r} is not allowed; allowed: {allowed}"
+    if kind == "anyOf" and "x-allowed" in schema:
+        return f"{where}: {error.instance!r} is not allowed; allowed: {schema['x-allowed']}"
     if kind == "pattern":
         allowed = schema.get("x-allowed", f"a string matching {error.validator_value}")
         return f"{where}: {error.instance!r} is not allowed; allowed: {allowed}"
