@@ -423,3 +423,11 @@ def test_kernel_wrapper_rejects_mismatched_inputs_before_launching():
         gemv.triton_gemv(torch.zeros(1, 16), w, delta=torch.zeros(1, 15), norm_weight=torch.ones(16))
     with pytest.raises(ValueError, match="norm_weight has 8"):
         gemv.triton_gemv(torch.zeros(1, 16), w, norm_weight=torch.ones(8))
+
+
+def test_config_schema_allows_the_rows_the_kernel_takes():
+    from phasewatt.config import load_schema
+
+    schema = load_schema()
+    rows = schema["properties"]["engine_options"]["properties"]["gemv_max_rows"]["anyOf"][1]
+    assert (rows["minimum"], rows["maximum"]) == (0, gemv.MAX_ROWS)
