@@ -6,11 +6,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the directory that comes back}"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH="$PYTHONPATH:/tmp/site" PATH="/tmp/site/bin:$PATH"
-fi
+source benchmarks/device_env.sh
 nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUT/gpu.txt"
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gemv_gpu.py 2>&1 | tail -n 15 | tee "$OUT/test_gemv_gpu.txt"
 timeout "${SWEEP_S:-330}" python3 benchmarks/gemv_sweep.py --out "$OUT" --budget-s "${SWEEP_BUDGET_S:-270}" >"$OUT/gemv_sweep.log" 2>&1

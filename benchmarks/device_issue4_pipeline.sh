@@ -7,11 +7,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the directory that comes back}"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH="$PYTHONPATH:/tmp/site" PATH="/tmp/site/bin:$PATH"
-fi
+source benchmarks/device_env.sh
 work=$(mktemp -d)
 cp benchmarks/native_reference.yaml "$work/config.yaml"
 nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv | tee "$work/gpu.txt"

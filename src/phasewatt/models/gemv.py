@@ -217,14 +217,21 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = 
     """out_scale * x @ weight.T (+ residual): the Triton kernel on CUDA, F.linear elsewhere."""
     if x.is_cuda:
         return triton_gemv(x, weight, residual=residual, out_scale=out_scale)[0]
-    y = F.linear(x, weight)
+    return _epilogue(F.linear(x, weight), residual, out_scale)
+
+
+def _epilogue(y: torch.Tensor, residual: torch.Tensor | None, out_scale: float) -> torch.Tensor:
+    """The CPU form of the kernel's epilogue: residual + out_scale * y."""
     y = y * out_scale if out_scale != 1.0 else y
     return residual + y if residual is not None else y
 
 
-@gemv.register_fake
-def _(x, weight, residual=None, out_scale=1.0):
+def _product_like(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The fake (meta) output of a product of x with weight."""
     return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=weight.dtype)
+
+
+gemv.register_fake(lambda x, weight, residual=None, out_scale=1.0: _product_like(x, weight))
 
 
 @torch.library.custom_op("phasewatt::gemv_swiglu", mutates_args=())
@@ -233,14 +240,10 @@ def gemv_swiglu(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | 
     if x.is_cuda:
         return triton_gemv(x, weight, swiglu=True, residual=residual, out_scale=out_scale)[0]
     gate, up = x.chunk(2, dim=-1)
-    y = F.linear(F.silu(gate) * up, weight)
-    y = y * out_scale if out_scale != 1.0 else y
-    return residual + y if residual is not None else y
+    return _epilogue(F.linear(F.silu(gate) * up, weight), residual, out_scale)
 
 
-@gemv_swiglu.register_fake
-def _(x, weight, residual=None, out_scale=1.0):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=weight.dtype)
+gemv_swiglu.register_fake(lambda x, weight, residual=None, out_scale=1.0: _product_like(x, weight))
 
 
 @torch.library.custom_op("phasewatt::gemv_rmsnorm", mutates_args=())
@@ -260,14 +263,12 @@ def gemv_rmsnorm(
     gated = total.float() * F.silu(gate.float()) if gate is not None else total
     normed = _rms_normed(gated, norm_weight, eps, norm_offset).to(weight.dtype)
     normed = normed * out_scale if out_scale != 1.0 else normed
-    y = F.linear(normed, weight)
-    return (residual + y if residual is not None else y), (total if delta is not None else x.new_empty(0))
+    return _epilogue(F.linear(normed, weight), residual, 1.0), (total if delta is not None else x.new_empty(0))
 
 
 @gemv_rmsnorm.register_fake
 def _(x, delta, gate, norm_weight, eps, norm_offset, weight, residual=None, out_scale=1.0):
-    y = x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=weight.dtype)
-    return y, (torch.empty_like(x) if delta is not None else x.new_empty(0))
+    return _product_like(x, weight), (torch.empty_like(x) if delta is not None else x.new_empty(0))
 
 
 # ----- what the models call ---------------------------------------------------------------------
