@@ -8,7 +8,6 @@ import pytest
 from phasewatt.gpu.base import Gpu
 from phasewatt.gpu.dvfs import DvfsError, dvfs_applied, parse_dvfs
 from phasewatt.gpu.null import MJ_PER_TICK, TICK_S, NullGpu
-from phasewatt.gpu.sampler import Sampler
 from phasewatt.gpu.select import open_gpu
 from phasewatt.measure.harness import MeasureSettings, measure
 

@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from phasewatt.config import Job, jobs, validate
+from phasewatt.config import jobs, validate
 from phasewatt.engines import vllm as vllm_engine
 from phasewatt.engines.vllm import (
     ARCHITECTURES,

@@ -5,7 +5,6 @@ thin scripts."""
 from __future__ import annotations
 
 import contextlib
-import sys
 from pathlib import Path
 
 from phasewatt.config import Job

@@ -179,8 +179,10 @@ class NativeEngine:
             return rows
         if not self.on_cuda or self.batch > GEMV_AUTO_ROWS:
             return 0
+        import importlib
+
         try:
-            import triton  # noqa: F401
+            importlib.import_module("triton")
         except ImportError:
             return 0
         return GEMV_AUTO_ROWS
