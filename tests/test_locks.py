@@ -162,3 +162,20 @@ def test_default_lock_dir(monkeypatch, tmp_path):
     assert default_lock_dir("sim") == WORKFLOW_LOCK_DIR
     monkeypatch.setenv(LOCK_DIR_ENV, str(tmp_path))
     assert default_lock_dir("nvml") == tmp_path
+
+
+@pytest.mark.parametrize("value,expected", [("", 0), ("3", 3), ("2,0", 2), (" 1 , 0", 1)])
+def test_gpu_index_from_env_reads_the_first_index(monkeypatch, value, expected):
+    from phasewatt.gpu.select import gpu_index_from_env
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", value)
+    assert gpu_index_from_env() == expected
+
+
+@pytest.mark.parametrize("value", ["GPU-8e3f1c2a-0000-1111-2222-333344445555", "MIG-1c2a", ",", "-1"])
+def test_gpu_index_from_env_refuses_what_is_not_an_index(monkeypatch, value):
+    from phasewatt.gpu.select import gpu_index_from_env
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", value)
+    with pytest.raises(GpuAssignmentError, match=r"^CUDA_VISIBLE_DEVICES: .* allowed: comma-separated GPU indices"):
+        gpu_index_from_env()

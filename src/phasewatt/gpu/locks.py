@@ -106,7 +106,9 @@ def resolve_gpu_count(configured: int | None, device: str, visible: int | None =
     return configured
 
 
-def _parse_visible_devices(value: str) -> list[int]:
+def visible_gpu_indices(value: str) -> list[int]:
+    """The GPU indices of a CUDA_VISIBLE_DEVICES value; anything else (GPU or MIG UUIDs) is
+    refused with one line, since NVML and CUDA must agree on which GPU is measured."""
     tokens = [token.strip() for token in value.split(",") if token.strip()]
     if not all(token.isdigit() for token in tokens):
         raise GpuAssignmentError(
@@ -204,12 +206,12 @@ def acquire_gpu(
     try:
         env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
         if slurm_assigned(env):
-            index = _parse_visible_devices(env["CUDA_VISIBLE_DEVICES"])[0]
+            index = visible_gpu_indices(env["CUDA_VISIBLE_DEVICES"])[0]
             env["CUDA_VISIBLE_DEVICES"] = str(index)
             yield GpuAssignment(index=index, assigned_by="slurm", lock_path=None)
             return
         visible = env.get("CUDA_VISIBLE_DEVICES", "").strip()
-        candidates = _parse_visible_devices(visible)[:n_gpus] if visible else list(range(n_gpus))
+        candidates = visible_gpu_indices(visible)[:n_gpus] if visible else list(range(n_gpus))
         if not candidates:
             raise GpuAssignmentError(f"CUDA_VISIBLE_DEVICES: {visible!r} leaves no GPU; allowed: comma-separated GPU indices such as 0,1")
         folder = Path(lock_dir) / socket.gethostname()

@@ -6,6 +6,7 @@ import os
 import sys
 
 from phasewatt.errors import ConfigError
+from phasewatt.gpu.locks import GpuAssignmentError, visible_gpu_indices
 
 
 def nvidia_gpu_visible() -> bool:
@@ -58,9 +59,16 @@ def resolve_engine(engine: str, device: str) -> str:
 
 
 def gpu_index_from_env() -> int:
-    """The physical GPU index this process was given (first of CUDA_VISIBLE_DEVICES)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
-    return int(visible) if visible.isdigit() else 0
+    """The physical GPU index this process was given: the first of CUDA_VISIBLE_DEVICES, 0
+    when it is unset. GPU indices only (what gpu.locks sets); a UUID is refused with one line
+    rather than read as GPU 0, which could measure another GPU than the one computing."""
+    value = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if not value:
+        return 0
+    indices = visible_gpu_indices(value)
+    if not indices:
+        raise GpuAssignmentError(f"CUDA_VISIBLE_DEVICES: {value!r} leaves no GPU; allowed: comma-separated GPU indices such as 0,1")
+    return indices[0]
 
 
 def open_gpu(device: str, gpu_key: str, index: int | None = None, seed: int = 0):
