@@ -173,3 +173,21 @@ def test_close_frees_a_compiled_model_and_its_caches(monkeypatch):
     model, cache = weakref.ref(engine.model), weakref.ref(engine.model.caches[0][0])
     engine.close()
     assert model() is None and cache() is None
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_setup_ends_with_a_prefill_after_the_decode_compile(arch, monkeypatch):
+    """The last thing set-up runs is a prefill (after compile, warm-up and capture): a
+    recompile that compiling decode triggers for prefill happens there, not inside the first
+    measured prefill window; and a recurrent state advanced by warm-up starts again."""
+    engine = engine_for(arch)
+    calls = []
+    original_prefill, original_warm_up = engine.prefill, engine._warm_up
+    monkeypatch.setattr(engine, "prefill", lambda: calls.append("prefill") or original_prefill())
+    monkeypatch.setattr(engine, "_warm_up", lambda: calls.append("warm_up") or original_warm_up())
+    setup = engine.setup()
+    assert calls[-1] == "prefill" and "warm_up" in calls[:-1]
+    assert setup["prefill_again_s"] >= 0.0
+    assert engine.decode(DECODE) == BATCH * DECODE
+    assert torch.equal(engine.generated_tokens(), greedy_tokens(arch, engine.prompt, DECODE))
+    engine.close()
