@@ -1,19 +1,20 @@
-"""Weight-streaming matrix products for the decode step at small batch.
+"""Weight-streaming matrix products for the decode step at batch 1.
 
 A decode step at batch 1 is a chain of matrix-vector products: each reads a weight matrix
 once and does two FLOPs per weight, so its time is the matrix's bytes over the memory
-bandwidth, or should be. cuBLAS and inductor's generated reductions reached 58-68% of the
-copy bandwidth on an H200 for the layer shapes of our models (benchmarks/RESULTS.md). This is
-a Triton kernel for y = x W^T with few rows of x: each program streams BLOCK_N whole rows of
-W in BLOCK_K-wide tiles and keeps the products in float32 registers until the end. Its block
-sizes per (rows, N, K) come from a table measured on each GPU model by
-benchmarks/gemv_sweep.py (gemv_configs/<GPU name>.json), else from a size rule.
+bandwidth, or should be. On an H200, cuBLAS read our models' layer weights at 45-92% of the
+copy bandwidth (8% for MLA's smallest) and inductor's reductions at 58-90% (RESULTS.md). This
+is a Triton kernel for y = x W^T with few rows of x: each program streams BLOCK_N whole rows
+of W in BLOCK_K-wide tiles and keeps the products in float32 registers until the end. What
+surrounds a product in a layer rides on it: an RMSNorm of x (+ delta, the residual add, whose
+sum it writes once; optionally gated by SiLU(z)) or SiLU(gate)*up before it, a scale and a
+residual add after it. Block sizes per (variant, rows, N, K) come from a table measured on
+each GPU model by benchmarks/gemv_sweep.py (gemv_configs/<GPU name>.json), else a size rule.
 
-`torch.ops.phasewatt.gemv` wraps it as a custom op, so a compiled layer keeps it as one call
-(and its neighbours fuse around it). On a CPU tensor the op is F.linear: triton is never
-imported there.
+The custom ops phasewatt::gemv, gemv_rmsnorm and gemv_swiglu wrap it, so a compiled layer
+keeps each as one call and fuses its other elementwise work around them. On CPU tensors the
+ops are the modules' maths in torch: triton is never imported there.
 """
-
 from __future__ import annotations
 
 import functools
@@ -49,13 +50,9 @@ def default_config(rows: int, n: int, k: int) -> dict:
     return {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 2}
 
 
-# What a launch fuses around its product; each is tuned on its own (the prologues add loads and
-# arithmetic per weight tile, so their best tiles differ from the plain product's).
-VARIANTS = ("plain", "norm", "swiglu")
-
-
 def config_key(rows: int, n: int, k: int, variant: str = "plain") -> str:
-    """'rows,N,K' for the plain product, 'variant:rows,N,K' for a fused one."""
+    """'rows,N,K' for the plain product, 'variant:rows,N,K' for a fused one (norm or swiglu):
+    each is tuned on its own, since a prologue adds loads and arithmetic per weight tile."""
     shape = f"{rows_bucket(rows)},{n},{k}"
     return shape if variant == "plain" else f"{variant}:{shape}"
 
