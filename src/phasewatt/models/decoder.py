@@ -2,7 +2,9 @@
 final norm and lm_head, static caches, batch-chunked prefill and a shape-static decode step.
 
 Residuals are passed between layers as (h, delta) and added at the start of the next layer,
-so that when each layer is compiled the add fuses with that layer's first norm.
+so that when each layer is compiled the add fuses with that layer's first norm. Where a
+layer's products go through the GEMV kernel (models.gemv) the add is the kernel's epilogue
+instead and delta is None.
 """
 
 from __future__ import annotations
@@ -161,7 +163,8 @@ class DecoderModel(nn.Module):
     def compile_decode(self, mode: str = "default", dynamic: bool | None = None, backend: str = "inductor") -> None:
         """torch.compile each layer and the head on their own (regional compilation): one
         compile serves every layer, and elementwise work (norms, rope, residuals, SiLU) fuses
-        into a few kernels per layer. Prefill stays eager (layer.prefill, head.logits).
+        into a few kernels per layer. The layers' prefill stays eager (layer.prefill); the
+        compiled head serves prefill's last positions too.
         dynamic=None: the first shapes are compiled static, a later change of batch or cache
         length recompiles shape-generic (torch's automatic dynamic shapes). Another backend
         (eager, aot_eager) checks that every layer traces as one graph without a GPU."""
