@@ -218,7 +218,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = 
 
 
 def _epilogue(y: torch.Tensor, residual: torch.Tensor | None, out_scale: float) -> torch.Tensor:
-    """The CPU form of the kernel's epilogue: residual + out_scale * y."""
+    """residual + out_scale * y: the kernel's epilogue, in torch (CPU ops, unfused paths)."""
     y = y * out_scale if out_scale != 1.0 else y
     return residual + y if residual is not None else y
 
@@ -303,8 +303,7 @@ def residual_linear(x, lin: "Linear", residual, out_scale: float = 1.0):
     """residual + lin(x) * out_scale; through the kernel the add is its epilogue."""
     if _fuses(x, lin):
         return torch.ops.phasewatt.gemv(x, lin.weight, residual, out_scale)
-    y = lin(x)
-    return residual + (y * out_scale if out_scale != 1.0 else y)
+    return _epilogue(lin(x), residual, out_scale)
 
 
 def gated_norm_residual(x, gate, norm: nn.Module, lin: "Linear", residual):
@@ -324,8 +323,7 @@ def swiglu_residual(gate_up, lin: "Linear", residual, out_scale: float = 1.0):
     if _fuses(gate_up, lin):
         return torch.ops.phasewatt.gemv_swiglu(gate_up, lin.weight, residual, out_scale), None
     gate, up = gate_up.chunk(2, dim=-1)
-    y = lin(F.silu(gate) * up)
-    return residual, (y * out_scale if out_scale != 1.0 else y)
+    return residual, _epilogue(lin(F.silu(gate) * up), None, out_scale)
 
 
 class Linear(nn.Linear):

@@ -12,6 +12,7 @@ from torch import nn
 
 from phasewatt.models.gemv import Linear
 
+
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in float32 like LlamaRMSNorm."""
 
