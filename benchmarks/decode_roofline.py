@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from phasewatt.config import exit_on_error, select_model_specs
 from phasewatt.engines.native import NativeEngine
 from phasewatt.io import write_text
 from phasewatt.models.registry import MODEL_CLASSES, model_class
@@ -297,14 +298,10 @@ def render(rows: list[dict], env: dict, roof: dict, args, elapsed_s: float) -> t
 
 def load_specs(args) -> list[ModelSpec]:
     if args.smoke:
-        entries = SMOKE_MODELS
+        entries, source = SMOKE_MODELS, "the smoke set"
     else:
-        entries = yaml.safe_load(Path(args.config).read_text())["models"]
-    wanted = names(args.models) if args.models else list(entries)
-    unknown = [m for m in wanted if m not in entries]
-    if unknown:
-        raise SystemExit(f"--models: {', '.join(unknown)} not in {'the smoke set' if args.smoke else args.config}; allowed: {', '.join(entries)}")
-    specs = [ModelSpec.from_config(m, entries[m]) for m in wanted]
+        entries, source = yaml.safe_load(Path(args.config).read_text())["models"], args.config
+    specs = exit_on_error(select_model_specs, entries, args.models, source)
     return [s for s in specs if _importable(s.arch)]
 
 

@@ -34,6 +34,8 @@ import torch.nn.functional as F
 import yaml
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from decode_roofline import Timer, copy_bandwidth  # a sibling script: the same bandwidth probe
+from phasewatt.config import exit_on_error, select_model_specs
 from phasewatt.io import write_json, write_text
 from phasewatt.models import gemv
 from phasewatt.models.registry import build_model
@@ -142,24 +144,6 @@ class GraphTimer:
         return statistics.median(times) / len(weights)
 
 
-def copy_bandwidth(nbytes: int = 2 << 30) -> float:
-    """Bytes read + written per second by a large device-to-device copy."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(10):
-            dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / 10)
-    return 2 * nbytes / statistics.median(times)
-
-
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref).norm() / ref.norm().clamp_min(1e-30))
 
@@ -227,12 +211,7 @@ def tune_shape(variant, rows, n, k, timer, with_inductor) -> list[dict]:
 
 
 def load_specs(args) -> list[ModelSpec]:
-    entries = yaml.safe_load(Path(args.config).read_text())["models"]
-    wanted = args.models.split(",") if args.models else list(entries)
-    unknown = [m for m in wanted if m not in entries]
-    if unknown:
-        raise SystemExit(f"--models: {', '.join(unknown)} not in {args.config}; allowed: {', '.join(entries)}")
-    return [ModelSpec.from_config(name, entries[name]) for name in wanted]
+    return exit_on_error(select_model_specs, yaml.safe_load(Path(args.config).read_text())["models"], args.models, args.config)
 
 
 def main(argv=None) -> int:
@@ -255,7 +234,7 @@ def main(argv=None) -> int:
     inductor_config.coordinate_descent_tuning = True
     dynamo_config.cache_size_limit = 1024
     device_name = torch.cuda.get_device_name()
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth(torch.device("cuda"), Timer(torch.device("cuda")), 2 << 30)
     print(f"{device_name}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     timer = GraphTimer()
     started = time.perf_counter()

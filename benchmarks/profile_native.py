@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from phasewatt.config import exit_on_error, select_model_specs
 from phasewatt.engines.native import NativeEngine
 from phasewatt.io import write_text
 from phasewatt.models.spec import ModelSpec
@@ -200,12 +201,9 @@ def profile_one(spec: ModelSpec, batch: int, prompt: int, args, device, options:
 
 
 def load_specs(args) -> list[ModelSpec]:
-    entries = SMOKE_MODELS if args.smoke else yaml.safe_load(Path(args.config).read_text())["models"]
-    wanted = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else list(entries)
-    unknown = [m for m in wanted if m not in entries]
-    if unknown:
-        raise SystemExit(f"--models: {', '.join(unknown)} unknown; allowed: {', '.join(entries)}")
-    return [ModelSpec.from_config(m, entries[m]) for m in wanted]
+    if args.smoke:
+        return exit_on_error(select_model_specs, SMOKE_MODELS, args.models, "the smoke set")
+    return exit_on_error(select_model_specs, yaml.safe_load(Path(args.config).read_text())["models"], args.models, args.config)
 
 
 def main(argv=None) -> int:

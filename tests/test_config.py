@@ -110,3 +110,14 @@ def test_gemv_engine_options_are_validated_before_any_gpu_work():
     assert message == "engine_options.gemv_max_rows: 9 is not allowed; allowed: auto or an integer 0..8"
     message = bad(lambda c: c.__setitem__("engine_options", {"gemv_fuse": "yes"}))
     assert message.startswith("engine_options.gemv_fuse:"), message
+
+
+def test_select_model_specs_for_the_benchmarks():
+    from phasewatt.config import select_model_specs
+
+    entries = DEFAULT["models"]
+    assert [s.name for s in select_model_specs(entries, None, "config.yaml")] == list(entries)
+    assert [s.name for s in select_model_specs(entries, " mla, gqa ", "config.yaml")] == ["mla", "gqa"]
+    with pytest.raises(ConfigError) as info:
+        select_model_specs(entries, "gqa,nope", "config.yaml")
+    assert str(info.value) == "--models: nope not in config.yaml; allowed: " + ", ".join(entries)

@@ -140,6 +140,16 @@ def model_spec(config: dict, name: str) -> ModelSpec:
     return ModelSpec.from_config(name, config["models"][name])
 
 
+def select_model_specs(entries: dict, names: str | None, source: str) -> list[ModelSpec]:
+    """The specs of the comma-separated `names` (all when empty) among a config's `models`
+    entries, for the benchmarks' --models; an unknown name is one line naming the known ones."""
+    wanted = [m.strip() for m in names.split(",") if m.strip()] if names else list(entries)
+    unknown = [m for m in wanted if m not in entries]
+    if unknown:
+        raise ConfigError(f"--models: {', '.join(unknown)} not in {source}; allowed: {', '.join(entries)}")
+    return [ModelSpec.from_config(m, entries[m]) for m in wanted]
+
+
 def exit_on_error(func, *args, **kwargs):
     """Call func; on a PhasewattError print its one line to stderr and exit 1 (no traceback)."""
     from phasewatt.errors import PhasewattError
