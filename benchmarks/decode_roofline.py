@@ -118,8 +118,8 @@ def names(text: str) -> list[str]:
 def variant_options(variant: str) -> dict:
     """Engine options of a variant name such as compile+matmul."""
     base, _, attention = variant.partition("+")
-    if base not in VARIANTS or attention not in ("", "sdpa", "matmul"):
-        raise SystemExit(f"variant {variant!r}: allowed {', '.join(VARIANTS)}, optionally +sdpa or +matmul")
+    if base not in VARIANTS or attention not in ("", "sdpa", "matmul", "fused"):
+        raise SystemExit(f"variant {variant!r}: allowed {', '.join(VARIANTS)}, optionally +sdpa, +matmul or +fused")
     options = dict(VARIANTS[base])
     if attention:
         options["decode_attention"] = attention

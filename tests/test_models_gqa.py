@@ -81,11 +81,14 @@ def test_wrong_rope_theta_is_caught(reference):
     assert prefill_diff > 1e-3
 
 
-def test_regional_compile_traces_each_layer_as_one_graph(reference):
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+def test_regional_compile_traces_each_layer_as_one_graph(reference, attention):
     """compile_decode with a CPU-only backend: every layer and the head trace without graph
-    breaks (fullgraph), the cache update survives functionalization, logits are unchanged."""
+    breaks (fullgraph), the cache update (in place, or the fused op's mutation) survives
+    functionalization, logits are unchanged."""
     name, _, path = reference
     eager, compiled = ours_for(name, path), ours_for(name, path)
+    compiled.set_decode_attention(attention)
     compiled.compile_decode(backend="aot_eager")
     prompt = torch.randint(0, VOCAB, (BATCH, PROMPT), generator=torch.Generator().manual_seed(3))
     assert_decode_steps_agree(eager, compiled, prompt)
@@ -145,11 +148,13 @@ def test_loader_errors_name_the_problem(reference, tmp_path):
         ours_for(name, path).load_hf_state_dict(extra)
 
 
-def test_both_decode_attentions_agree(reference):
+def test_every_decode_attention_agrees(reference):
+    """sdpa, matmul and fused (its CPU form: the op's torch maths) give the same logits."""
     name, _, path = reference
     prompt = torch.randint(0, VOCAB, (BATCH, PROMPT), generator=torch.Generator().manual_seed(4))
     logits = {}
-    for kind in ("sdpa", "matmul"):
+    assert GQAModel.decode_attentions == ("sdpa", "matmul", "fused")
+    for kind in GQAModel.decode_attentions:
         model = ours_for(name, path)
         model.set_decode_attention(kind)
         assert model.decode_attention == kind
@@ -158,5 +163,6 @@ def test_both_decode_attentions_agree(reference):
             model.prefill(prompt)
             logits[kind] = model.decode(prompt[:, -1], torch.tensor([PROMPT]))
     torch.testing.assert_close(logits["matmul"], logits["sdpa"], atol=1e-5, rtol=1e-5)
-    with pytest.raises(ConfigError, match="decode_attention"):
+    torch.testing.assert_close(logits["fused"], logits["matmul"], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="decode_attention: 'flash'; allowed for gqa: sdpa, matmul, fused"):
         model.set_decode_attention("flash")

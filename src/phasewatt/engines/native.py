@@ -20,17 +20,17 @@ import time
 from contextlib import nullcontext
 
 from phasewatt.errors import ConfigError
-from phasewatt.models.decoder import DECODE_ATTENTION
+from phasewatt.models.decoder import ALL_DECODE_ATTENTION
 from phasewatt.models.gemv import AUTO_ROWS as GEMV_AUTO_ROWS, MAX_ROWS as GEMV_MAX_ROWS, use_gemv
 from phasewatt.models.loader import load_checkpoint
-from phasewatt.models.registry import build_model
+from phasewatt.models.registry import build_model, model_class
 
 DEFAULT_OPTIONS = {
     "cuda_graph": True,  # capture the decode step (CUDA only)
     "compile": "auto",  # true | false | auto (= on CUDA, when the model can be compiled per layer)
     "compile_mode": "default",  # torch.compile mode, e.g. max-autotune-no-cudagraphs
     "warmup_steps": 3,  # eager decode steps before capture (the first one compiles)
-    "decode_attention": "auto",  # auto (the model's default on this device) | sdpa | matmul (gqa and mla)
+    "decode_attention": "auto",  # auto (the model's default on this device) | sdpa | matmul (gqa and mla) | fused (gqa)
     "compile_prefill": "auto",  # true | false | auto (= whenever the decode step is compiled)
     "prefill_graph": "auto",  # true | false | auto (= on CUDA with cuda_graph, prompts of <= PREFILL_GRAPH_MAX_TOKENS)
     "coordinate_descent_tuning": True,  # inductor's tuning that turns batch-1 GEMVs into fused reductions
@@ -69,9 +69,9 @@ def resolve_options(options: dict | None) -> dict:
     rows = resolved["gemv_max_rows"]
     if rows != "auto" and (not isinstance(rows, int) or isinstance(rows, bool) or not 0 <= rows <= GEMV_MAX_ROWS):
         raise ConfigError(f"engine_options.gemv_max_rows: {rows!r}; allowed: auto or an integer 0..{GEMV_MAX_ROWS}")
-    if resolved["decode_attention"] not in ("auto",) + DECODE_ATTENTION:
+    if resolved["decode_attention"] not in ("auto",) + ALL_DECODE_ATTENTION:
         raise ConfigError(
-            f"engine_options.decode_attention: {resolved['decode_attention']!r}; allowed: auto, " + ", ".join(DECODE_ATTENTION)
+            f"engine_options.decode_attention: {resolved['decode_attention']!r}; allowed: auto, " + ", ".join(ALL_DECODE_ATTENTION)
         )
     return resolved
 
@@ -88,6 +88,7 @@ class NativeEngine:
             raise ConfigError("native engine: batch, prompt length and decode tokens must each be >= 1")
         self.seed, self.checkpoint = int(seed), checkpoint
         self.options = resolve_options(options)
+        self._check_decode_attention()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.on_cuda = self.device.type == "cuda"
         self.dtype = getattr(torch, spec.dtype) if self.on_cuda else torch.float32
@@ -107,8 +108,6 @@ class NativeEngine:
 
     def _compile_how(self) -> str:
         """none | regional (the model's compile_decode) | whole (torch.compile of decode)."""
-        from phasewatt.models.registry import model_class
-
         choice = self.options["compile"]
         if choice is False or (choice == "auto" and not self.on_cuda):
             return "none"
@@ -117,6 +116,16 @@ class NativeEngine:
         return "whole" if choice is True else "none"
 
     # ----- set-up ---------------------------------------------------------------------------
+    def _check_decode_attention(self) -> None:
+        """A decode_attention the model offers (GQA's "fused" is its own), before any GPU work."""
+        kind = self.options["decode_attention"]
+        if kind == "auto":
+            return
+        offered = getattr(model_class(self.spec.arch), "decode_attentions", ())
+        if kind not in offered:
+            allowed = ", ".join(("auto",) + tuple(offered))
+            raise ConfigError(f"engine_options.decode_attention: {kind!r} for the {self.spec.arch} model; allowed: {allowed}")
+
     def setup(self) -> dict:
         """Build, fill the caches once, compile and capture; seconds spent in each."""
         import torch
@@ -128,8 +137,6 @@ class NativeEngine:
             load_checkpoint(model, self.checkpoint)
         self.model = model.eval().requires_grad_(False)
         if self.options["decode_attention"] != "auto":
-            if not hasattr(model, "set_decode_attention"):
-                raise ConfigError(f"engine_options.decode_attention: the {self.spec.arch} model has no choice of decode attention; use auto")
             model.set_decode_attention(self.options["decode_attention"])
         elif self.on_cuda and getattr(model, "cuda_decode_attention", None):
             model.set_decode_attention(model.cuda_decode_attention)

@@ -22,7 +22,10 @@ CACHE_LEN_MULTIPLE = 64
 
 # How a decode step attends over the cache: one fused SDPA call, or two batched matrix
 # products around a float32 softmax (more thread blocks at batch 1, the cache read twice).
+# A model may offer more (decode_attentions; GQA's "fused" kernels); ALL_DECODE_ATTENTION is
+# every name some model takes.
 DECODE_ATTENTION = ("sdpa", "matmul")
+ALL_DECODE_ATTENTION = DECODE_ATTENTION + ("fused",)
 
 # A prefill processes at most this many tokens at a time (whole sequences, at least one), which
 # bounds its activations; weights are re-read per chunk, which is negligible at this size.
@@ -150,9 +153,11 @@ class DecoderModel(nn.Module):
             h, delta = layer(h, delta, input_pos, self.rope_cos, self.rope_sin, mask, cache)
         return self.head(h, delta)
 
+    decode_attentions = DECODE_ATTENTION
+
     def set_decode_attention(self, kind: str) -> None:
-        if kind not in DECODE_ATTENTION:
-            raise ConfigError(f"decode_attention: {kind!r}; allowed: " + ", ".join(DECODE_ATTENTION))
+        if kind not in self.decode_attentions:
+            raise ConfigError(f"decode_attention: {kind!r}; allowed for {self.spec.arch}: " + ", ".join(self.decode_attentions))
         for layer in self.layers:
             layer.decode_attention = kind
 

@@ -1,9 +1,9 @@
 """Grouped-query attention decoder: Llama-style, or Qwen3-style with RMSNorm on each q and k
 head (spec.qk_norm). Fused qkv and gate/up weights, a static [B, kv_heads, L, head_dim] cache.
 
-Decode folds the query heads of each KV group into the query-length axis
-([B, kv_heads, group, head_dim]), so attention (one SDPA call, or two matmuls around a
-softmax: decode_attention) reads each cached K/V head once, never repeated per query head.
+Decode attention (models.decode_attention) reads each cached K/V head once for its whole query
+group: fused Triton kernels on CUDA, or the group folded into the query-length axis of one
+SDPA call or two matmuls around a softmax.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from phasewatt.errors import ConfigError
-from phasewatt.models.decoder import DecoderModel
+from phasewatt.models.decode_attention import attend_torch, norm_rope_qk, split_qkv
+from phasewatt.models.decoder import DECODE_ATTENTION, DecoderModel
 from phasewatt.models.gemv import Linear, norm_linear, residual_linear, swiglu_residual
-from phasewatt.models.layers import RMSNorm, SwiGLU, apply_rope
+from phasewatt.models.layers import RMSNorm, SwiGLU
 from phasewatt.models.loader import HFTensors
 
 
@@ -39,34 +40,27 @@ class GQALayer(nn.Module):
         shape = (batch, self.n_kv_heads, cache_len, self.head_dim)
         return torch.zeros(shape, device=w.device, dtype=w.dtype), torch.zeros(shape, device=w.device, dtype=w.dtype)
 
+    def _qk_norm_weights(self):
+        return (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
+
     def _qkv(self, qkv, cos, sin):
         """qkv [B, S, (H + 2 H_kv) D] -> q [B, S, H, D] and k, v [B, S, H_kv, D], q and k
         normed and rotated."""
-        b, s, _ = qkv.shape
-        q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
-        q = q.view(b, s, self.n_heads, self.head_dim)
-        k = k.view(b, s, self.n_kv_heads, self.head_dim)
-        v = v.view(b, s, self.n_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        q, k, v = split_qkv(qkv, self.n_heads, self.n_kv_heads, self.head_dim)
+        q, k = norm_rope_qk(q, k, cos, sin, *self._qk_norm_weights(), self.attn_norm.eps)
+        return q, k, v
 
     def forward(self, h, delta, input_pos, cos, sin, mask, cache):
         """Decode step: h [B, d] and the previous layer's delta (or None); returns the new
-        (h, delta). The residual adds and norms ride on the projections (gemv.norm_linear)."""
-        b = h.shape[0]
+        (h, delta). The residual adds and norms ride on the projections (gemv.norm_linear),
+        everything between the qkv and o products on the attention (decode_attention)."""
         qkv, h = norm_linear(h, delta, self.attn_norm, self.qkv)
-        q, k, v = self._qkv(qkv.unsqueeze(1), cos[input_pos], sin[input_pos])
-        k_cache, v_cache = cache
-        k_cache[:, :, input_pos] = k.transpose(1, 2)
-        v_cache[:, :, input_pos] = v.transpose(1, 2)
-        q = q.view(b, self.n_kv_heads, self.group, self.head_dim)
-        if self.decode_attention == "sdpa":
-            out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask.view(1, 1, 1, -1))
+        args = (qkv, *cache, input_pos, cos, sin, *self._qk_norm_weights(), self.attn_norm.eps, self.n_heads, self.head_dim**-0.5)
+        if self.decode_attention == "fused":
+            out = torch.ops.phasewatt.gqa_decode_attention(*args)
         else:
-            scores = torch.matmul(q, k_cache.transpose(2, 3)).float() * self.head_dim**-0.5 + mask
-            out = torch.matmul(torch.softmax(scores, dim=-1).to(q.dtype), v_cache)
-        h = residual_linear(out.reshape(b, self.n_heads * self.head_dim), self.o, h)
+            out = attend_torch(*args, kind=self.decode_attention)
+        h = residual_linear(out, self.o, h)
         gate_up, h = norm_linear(h, None, self.mlp_norm, self.mlp.gate_up)
         return swiglu_residual(gate_up, self.mlp.down, h)
 
@@ -87,10 +81,12 @@ class GQALayer(nn.Module):
 
 class GQAModel(DecoderModel):
     default_decode_attention = "sdpa"
-    # What the engine picks on CUDA: SDPA's kernel for a masked decode query gives one thread
-    # block per KV head at batch 1 and slows down with the cache; the two matmuls did better
-    # on an H200 (results/reference/issue4: 3.62 vs 3.86 ms at 512, 3.83 vs 4.96 at 2048).
-    cuda_decode_attention = "matmul"
+    decode_attentions = DECODE_ATTENTION + ("fused",)
+    # What the engine picks on CUDA: the fused kernels (norm, rope, cache write and a cache
+    # split over the GPU in two kernels, where compiled matmuls took six per layer). Of the
+    # other two, SDPA's kernel for a masked decode query gives one thread block per KV head at
+    # batch 1 and slows down with the cache (H200: 3.62 ms matmul vs 3.86 sdpa at 512).
+    cuda_decode_attention = "fused"
 
     def __init__(self, spec, device="cpu", dtype=torch.float32):
         if spec.n_heads % spec.n_kv_heads:

@@ -1,0 +1,92 @@
+"""The fused GQA decode attention op on CPU: its torch form, its registration as a mutating
+custom op, and how it splits the cache over the GPU (the Triton kernels themselves:
+test_decode_attention_gpu.py)."""
+
+import pytest
+import torch
+
+from phasewatt.engines.native import NativeEngine
+from phasewatt.errors import ConfigError
+from phasewatt.models import decode_attention as da
+from phasewatt.models.layers import precompute_rope
+from phasewatt.models.spec import ModelSpec
+
+BATCH, HEADS, KV_HEADS, HEAD_DIM, CACHE = 2, 8, 2, 16, 128
+
+
+def inputs(pos: int, qk_norm: bool = True, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(BATCH, (HEADS + 2 * KV_HEADS) * HEAD_DIM, generator=g)
+    k_cache = torch.randn(BATCH, KV_HEADS, CACHE, HEAD_DIM, generator=g)
+    v_cache = torch.randn(BATCH, KV_HEADS, CACHE, HEAD_DIM, generator=g)
+    cos, sin = precompute_rope(HEAD_DIM, CACHE, 10000.0)
+    norms = (torch.rand(HEAD_DIM, generator=g) + 0.5, torch.rand(HEAD_DIM, generator=g) + 0.5) if qk_norm else (None, None)
+    return qkv, k_cache, v_cache, torch.tensor([pos]), cos, sin, *norms, 1e-6, HEADS, HEAD_DIM**-0.5
+
+
+def naive(qkv, k_cache, v_cache, input_pos, cos, sin, q_norm_weight, k_norm_weight, eps, n_heads, scale):
+    """Each query head on its own, over positions 0..pos, after writing the new k and v."""
+    pos = int(input_pos)
+    group = n_heads // KV_HEADS
+    q, k, v = da.split_qkv(qkv.unsqueeze(1), n_heads, KV_HEADS, HEAD_DIM)
+    q, k = da.norm_rope_qk(q, k, cos[input_pos], sin[input_pos], q_norm_weight, k_norm_weight, eps)
+    k_cache, v_cache = k_cache.clone(), v_cache.clone()
+    k_cache[:, :, pos], v_cache[:, :, pos] = k[:, 0], v[:, 0]
+    out = torch.empty(BATCH, n_heads, HEAD_DIM)
+    for b in range(BATCH):
+        for h in range(n_heads):
+            keys, values = k_cache[b, h // group, : pos + 1], v_cache[b, h // group, : pos + 1]
+            out[b, h] = torch.softmax(keys @ q[b, 0, h] * scale, dim=0) @ values
+    return out.flatten(1), k_cache, v_cache
+
+
+@pytest.mark.parametrize("pos", [0, 37, CACHE - 1])
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_op_on_cpu_is_attention_over_the_written_cache(pos, qk_norm):
+    args = inputs(pos, qk_norm)
+    expected, k_expected, v_expected = naive(*args)
+    out = torch.ops.phasewatt.gqa_decode_attention(*args)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(args[1], k_expected)  # the op wrote the caches in place
+    torch.testing.assert_close(args[2], v_expected)
+
+
+def test_sdpa_and_matmul_forms_agree():
+    a, b = inputs(50), inputs(50)
+    torch.testing.assert_close(da.attend_torch(*a, kind="sdpa"), da.attend_torch(*b, kind="matmul"), atol=1e-5, rtol=1e-5)
+
+
+def test_opcheck():
+    torch.library.opcheck(torch.ops.phasewatt.gqa_decode_attention.default, inputs(21))
+    torch.library.opcheck(torch.ops.phasewatt.gqa_decode_attention.default, inputs(21, qk_norm=False))
+
+
+@pytest.mark.parametrize("batch,kv_heads,cache_len", [(1, 8, 640), (1, 8, 2176), (1, 8, 64), (32, 8, 640), (128, 8, 2176), (1, 1, 100000), (3, 2, 65)])
+def test_cache_slices_cover_the_cache_and_fill_the_gpu(batch, kv_heads, cache_len):
+    sm_count = 132
+    slices, slice_len = da.cache_slices(batch, kv_heads, cache_len, sm_count)
+    assert slice_len % da.BLOCK_POSITIONS == 0
+    assert (slices - 1) * slice_len < cache_len <= slices * slice_len  # no empty slice at the end
+    blocks = -(-cache_len // da.BLOCK_POSITIONS)
+    programs = batch * kv_heads * slices
+    # enough programs for the GPU, or one slice per 64 positions; never more than needed
+    assert programs >= da.PROGRAMS_PER_SM * sm_count or slices == blocks
+    assert slices == 1 or batch * kv_heads * (slices - 1) < 2 * da.PROGRAMS_PER_SM * sm_count
+
+
+def test_triton_path_refuses_caches_it_cannot_read():
+    args = list(inputs(3))
+    args[1] = args[1].transpose(2, 3).contiguous().transpose(2, 3)  # head_dim not the inner axis
+    with pytest.raises(ValueError, match="contiguous layout"):
+        da.triton_attend(*args, sm_count=1)
+    with pytest.raises(ValueError, match="does not fit"):
+        da.triton_attend(inputs(3)[0][:, :-1], *inputs(3)[1:], sm_count=1)
+
+
+def test_fused_is_refused_for_models_without_it_before_any_work():
+    spec = ModelSpec.from_config("tiny-mla", dict(
+        arch="mla", n_layers=1, d_model=64, n_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8,
+        qk_rope_head_dim=4, v_head_dim=12, d_ff=96, vocab_size=128,
+    ))
+    with pytest.raises(ConfigError, match=r"engine_options.decode_attention: 'fused' for the mla model; allowed: auto, sdpa, matmul"):
+        NativeEngine(spec=spec, batch=1, prompt_len=4, decode_tokens=2, device="cpu", options={"decode_attention": "fused"})

@@ -1,0 +1,83 @@
+"""The fused GQA decode attention kernels against the torch form (needs CUDA and Triton;
+skipped in CI)."""
+
+import pytest
+import torch
+
+from phasewatt.models import decode_attention as da
+from phasewatt.models.gqa import GQAModel
+from phasewatt.models.layers import precompute_rope
+from phasewatt.models.spec import ModelSpec
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def inputs(batch, heads, kv_heads, head_dim, cache_len, pos, qk_norm, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    kw = dict(device="cuda", dtype=torch.bfloat16, generator=g)
+    qkv = torch.randn(batch, (heads + 2 * kv_heads) * head_dim, **kw)
+    k_cache = torch.randn(batch, kv_heads, cache_len, head_dim, **kw)
+    v_cache = torch.randn(batch, kv_heads, cache_len, head_dim, **kw)
+    cos, sin = precompute_rope(head_dim, cache_len, 1e6, device="cuda")
+    norms = (torch.rand(head_dim, **kw) + 0.5, torch.rand(head_dim, **kw) + 0.5) if qk_norm else (None, None)
+    pos = torch.tensor([pos], device="cuda")
+    return qkv, k_cache, v_cache, pos, cos, sin, *norms, 1e-6, heads, head_dim**-0.5
+
+
+@pytest.mark.parametrize("batch,heads,kv_heads,head_dim,cache_len,pos,qk_norm", [
+    (1, 32, 8, 128, 640, 512, True),     # Qwen3-4B at 512
+    (1, 32, 8, 128, 640, 639, True),     # the last position
+    (1, 32, 8, 128, 2176, 2100, False),  # Minitron-4B at 2048
+    (1, 32, 8, 128, 640, 0, False),      # the first position: one key
+    (1, 32, 8, 128, 640, 64, True),      # the first position of a slice
+    (3, 16, 16, 64, 192, 130, True),     # group 1
+    (32, 32, 8, 128, 640, 600, True),
+    (2, 24, 2, 128, 256, 200, False),    # group 12
+])
+def test_kernels_match_the_torch_form(batch, heads, kv_heads, head_dim, cache_len, pos, qk_norm):
+    ref_args = inputs(batch, heads, kv_heads, head_dim, cache_len, pos, qk_norm)
+    args = inputs(batch, heads, kv_heads, head_dim, cache_len, pos, qk_norm)
+    expected = da.attend_torch(*ref_args)
+    out = da.triton_attend(*args)
+    assert out.shape == expected.shape and out.dtype == torch.bfloat16
+    assert float((out.float() - expected.float()).norm() / expected.float().norm()) < 1e-2
+    for cache, ref_cache in ((args[1], ref_args[1]), (args[2], ref_args[2])):
+        written = cache[:, :, pos].float()
+        assert float((written - ref_cache[:, :, pos].float()).abs().max()) <= 0.02 * float(written.abs().max())
+        others = torch.ones(cache_len, dtype=torch.bool, device="cuda")
+        others[pos] = False
+        assert torch.equal(cache[:, :, others], ref_cache[:, :, others])  # nothing else touched
+
+
+def test_fused_decode_in_a_compiled_graph_follows_the_position():
+    """A tiny bf16 Qwen3-style model, compiled and captured once, replayed at advancing
+    positions, fed the same tokens: fused and matmul attention give close logits."""
+    spec = ModelSpec.from_config("tiny", dict(arch="gqa", n_layers=2, d_model=256, n_heads=8, n_kv_heads=2, head_dim=64,
+                                              d_ff=512, vocab_size=512, qk_norm=True, tied_embeddings=True, dtype="bfloat16"))
+    logits = {}
+    for kind in ("matmul", "fused"):
+        torch.manual_seed(0)
+        model = GQAModel(spec, device="cuda", dtype=torch.bfloat16).eval().requires_grad_(False)
+        model.set_decode_attention(kind)
+        model.setup_caches(1, 200)
+        prompt = torch.randint(0, 512, (1, 100), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+        model.prefill(prompt)
+        model.compile_decode()
+        token = prompt[:, -1].clone()
+        pos = torch.tensor([100], device="cuda")
+        for _ in range(2):
+            model.decode(token, pos)  # warm-up (compiles); rewrites position 100 only
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model.decode(token, pos)
+        steps = []
+        fed = torch.randint(0, 512, (40, 1), device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
+        for step in range(40):
+            pos.fill_(100 + step)
+            token.copy_(fed[step])
+            graph.replay()
+            steps.append(out.float().clone())
+        logits[kind] = torch.stack(steps)
+    diff = (logits["fused"] - logits["matmul"]).norm(dim=-1) / logits["matmul"].norm(dim=-1)
+    assert float(diff.max()) < 2e-2
+    assert float((logits["fused"].argmax(-1) == logits["matmul"].argmax(-1)).float().mean()) >= 0.9
