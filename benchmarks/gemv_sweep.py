@@ -66,18 +66,21 @@ def parse_args(argv=None):
 class _Products(TorchDispatchMode):
     """Records (variant, N, K) of every GEMV op a traced call makes."""
 
-    OPS = {"gemv": "plain", "gemv_rmsnorm": "norm", "gemv_swiglu": "swiglu"}
-
     def __init__(self):
         super().__init__()
         self.seen: dict[tuple[str, int, int], int] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.name().removeprefix("phasewatt::").split(".")[0] if func.namespace == "phasewatt" else None
-        if name in self.OPS:
-            weight = args[6] if name == "gemv_rmsnorm" else args[1]
-            key = (self.OPS[name], weight.shape[0], weight.shape[1])
-            self.seen[key] = self.seen.get(key, 0) + 1
+        if name == "gemv_rmsnorm":
+            glu = bool(args[9]) if len(args) > 9 else bool((kwargs or {}).get("glu", False))
+            variant, weight = gemv.variant_name(True, args[3] is not None, False, glu), args[6]
+        elif name in ("gemv", "gemv_swiglu"):
+            variant, weight = ("plain" if name == "gemv" else "swiglu"), args[1]
+        else:
+            return func(*args, **(kwargs or {}))
+        key = (variant, weight.shape[0], weight.shape[1])
+        self.seen[key] = self.seen.get(key, 0) + 1
         return func(*args, **(kwargs or {}))
 
 
@@ -88,6 +91,7 @@ def decode_products(specs: list[ModelSpec]) -> dict[tuple[str, int, int], dict[s
     for spec in specs:
         model = build_model(spec, device="meta", dtype=torch.bfloat16).eval().requires_grad_(False)
         gemv.use_gemv(model, 1)
+        gemv.fold_norm_weights(model)  # as the engine does: rms variants where a norm folds
         model.setup_caches(1, 64)
         with torch.no_grad(), _Products() as seen:
             model.decode(torch.zeros(1, dtype=torch.long, device="meta"), torch.tensor([3], device="meta"))
@@ -150,18 +154,24 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 def variant_call(variant: str, rows: int, n: int, k: int):
     """(inputs, kernel(x, w, config), float32 reference(w)) of one fused variant, as the models
-    use it: plain with a residual epilogue, norm with a delta (the sum written), swiglu with a
-    residual."""
+    use it: plain with a residual epilogue, norm/rms (folded weight) with a delta (the sum
+    written), *_glu without (the MLP's gate_up), swiglu with a residual."""
     x = torch.randn(rows, 2 * k if variant == "swiglu" else k, device="cuda", dtype=torch.bfloat16)
     residual = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16)
     delta = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     norm_weight = torch.rand(k, device="cuda", dtype=torch.bfloat16)
-    if variant == "norm":
-        def kernel(a, w, config):
-            return gemv.triton_gemv(a, w, config, delta=delta, norm_weight=norm_weight, eps=1e-6)[0]
+    if variant in ("norm", "rms", "norm_glu", "rms_glu"):
+        glu = variant.endswith("_glu")
+        weight = norm_weight if variant.startswith("norm") else None
+        with_delta = None if glu else delta
 
-        s = x.float() + delta.float()
-        normed = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6) * norm_weight.float()
+        def kernel(a, w, config):
+            return gemv.triton_gemv(a, w, config, delta=with_delta, norm_weight=weight, rms=True, eps=1e-6, glu=glu)[0]
+
+        s = x.float() + (with_delta.float() if with_delta is not None else 0.0)
+        normed = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6) * (weight.float() if weight is not None else 1.0)
+        if glu:
+            return x, kernel, lambda w: (lambda y: F.silu(y[:, : n // 2]) * y[:, n // 2 :])(F.linear(normed, w.float()))
         return x, kernel, lambda w: F.linear(normed, w.float())
     if variant == "swiglu":
         def kernel(a, w, config):

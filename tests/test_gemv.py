@@ -431,3 +431,116 @@ def test_config_schema_allows_the_rows_the_kernel_takes():
     schema = load_schema()
     rows = schema["properties"]["engine_options"]["properties"]["gemv_max_rows"]["anyOf"][1]
     assert (rows["minimum"], rows["maximum"]) == (0, gemv.MAX_ROWS)
+
+
+# ----- folded norm weights and the GLU epilogue ---------------------------------------------------
+# Norms each layer folds (gqa: attn, mlp; mla: attn, q_a, mlp; gdn: input, post; mamba2: the
+# block's norm and the gated norm), plus the final norm when the head is untied.
+FOLDS_PER_LAYER = {"gqa": 2, "mla": 3, "gdn": 2, "mamba2": 2}
+
+
+def randomize_norms(model) -> None:
+    """Norm weights away from their init (ones, or zeros for zero-centred), so that a fold that
+    dropped or doubled a scale changes the logits."""
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "weight_offset") and isinstance(getattr(module, "weight", None), torch.nn.Parameter):
+                module.weight.copy_(torch.rand(module.weight.shape, generator=gen) + 0.5 - module.weight_offset)
+
+
+@pytest.mark.parametrize("arch,tied", [("gqa", True), ("gqa", False), ("mla", False), ("gdn", False), ("mamba2", True), ("mamba2", False)])
+def test_folded_norm_weights_give_the_same_logits(arch, tied):
+    """fold_norm_weights leaves the function unchanged: prefill through the modules (norm
+    weights now 1) and decode through the ops (no norm weight, the scale in the matrices)."""
+    import copy
+
+    reference = tiny_model(arch, tied)
+    randomize_norms(reference)
+    folded = copy.deepcopy(reference)
+    head = 0 if (tied if tied is not None else TINY[arch].get("tied_embeddings", False)) else 1
+    assert gemv.fold_norm_weights(folded) == FOLDS_PER_LAYER[arch] * LAYERS + head
+    assert gemv.fold_norm_weights(folded) == 0  # folding twice would square the scales
+    for (_, before), (_, after) in zip(reference.layers[0].norm_folds(), folded.layers[0].norm_folds()):
+        assert not torch.equal(before[0].weight, after[0].weight)  # the scales went into the products
+    prompt = torch.randint(0, TINY[arch]["vocab_size"], (1, 6), generator=torch.Generator().manual_seed(3))
+    gemv.use_gemv(reference, 1)
+    gemv.use_gemv(folded, 1)
+    prefill_ref, steps_ref, _ = greedy_run(reference, prompt, 4)
+    prefill_folded, steps_folded, op_calls = greedy_run(folded, prompt, 4)
+    assert op_calls >= 4 * decode_products(arch)
+    assert steps_ref.std() > 0.01
+    torch.testing.assert_close(prefill_folded, prefill_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(steps_folded, steps_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_mlp_takes_one_glu_product_and_one_plain_product(fresh_dynamo):
+    """Through the kernel a SwiGLU MLP is two calls: gate_up with the norm prologue and the
+    SiLU(gate) * up epilogue (glu=True), down with the residual add."""
+    model = tiny_model("gqa")
+    gemv.use_gemv(model, 1)
+    model.setup_caches(1, 8)
+    with torch.no_grad(), OpCalls() as calls:
+        model.decode(torch.zeros(1, dtype=torch.long), torch.tensor([3]))
+    glu_calls = [f for f in calls.ops if f is torch.ops.phasewatt.gemv_rmsnorm.default]
+    assert calls.count(torch.ops.phasewatt.gemv_swiglu.default) == 0
+    assert len(glu_calls) == 2 * LAYERS + 1  # attn and mlp norms per layer, the head's
+
+
+def test_glu_op_on_cpu_matches_the_modules():
+    from phasewatt.models.layers import RMSNorm, SwiGLU
+
+    torch.manual_seed(2)
+    norm, mlp = RMSNorm(32), SwiGLU(32, 48)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    h = torch.randn(1, 32)
+    expected = h + 0.5 * mlp(norm(h))
+    gemv.use_gemv(mlp, 1)
+    with OpCalls() as calls:
+        got, delta = gemv.norm_mlp_residual(h, norm, mlp, 0.5)
+    assert delta is None and calls.count(GEMV_OP) == 2
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    gemv.use_gemv(mlp, 0)  # outside the kernel: (h, y), the add left to the caller
+    unfused_h, y = gemv.norm_mlp_residual(h, norm, mlp, 0.5)
+    torch.testing.assert_close(unfused_h + y, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_glu_and_folded_ops_pass_opcheck_on_cpu():
+    torch.manual_seed(0)
+    x, weight, residual = torch.randn(1, 32), torch.randn(48, 32), torch.randn(1, 24)
+    torch.library.opcheck(torch.ops.phasewatt.gemv_rmsnorm.default, (x, None, None, torch.rand(32), 1e-6, 0.0, weight, None, 1.0, True))
+    torch.library.opcheck(torch.ops.phasewatt.gemv_rmsnorm.default, (x, None, None, None, 1e-6, 0.0, weight, residual, 1.0, True))
+    torch.library.opcheck(torch.ops.phasewatt.gemv_rmsnorm.default, (x, torch.randn(1, 32), None, None, 1e-6, 1.0, weight, None, 1.0))
+
+
+def test_variant_names_and_the_glu_fallback_config(config_dir):
+    assert gemv.variant_name(False, False, False, False) == "plain"
+    assert gemv.variant_name(True, True, False, False) == "norm"
+    assert gemv.variant_name(True, False, False, True) == "rms_glu"
+    assert gemv.variant_name(False, False, True, False) == "swiglu"
+    write_table(config_dir / "Fake_GPU.json", {
+        "1,4096,512": {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 2},
+        "rms_glu:1,2048,512": {"BLOCK_N": 4, "BLOCK_K": 256, "num_warps": 8, "num_stages": 1},
+    })
+    # tuned entry of the variant as it is; else the plain one with half the rows per program
+    assert gemv.config_for("Fake GPU", 1, 2048, 512, "rms_glu")["BLOCK_N"] == 4
+    assert gemv.config_for("Fake GPU", 1, 4096, 512, "rms_glu") == {"BLOCK_N": 4, "BLOCK_K": 512, "num_warps": 4, "num_stages": 2}
+    assert gemv.config_for("Fake GPU", 1, 4096, 512, "rms") == {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 2}
+    rule = gemv.default_config(1, 8192, 512)
+    assert gemv.config_for("Fake GPU", 1, 8192, 512, "norm_glu")["BLOCK_N"] == max(1, rule["BLOCK_N"] // 2)
+
+
+def test_glu_needs_an_even_weight():
+    with pytest.raises(ValueError, match="even number of rows"):
+        gemv.triton_gemv(torch.zeros(1, 16), torch.zeros(7, 16), glu=True)
+
+
+def test_engine_folds_norms_only_where_the_kernel_runs():
+    folded = engine(gemv_max_rows=1)
+    folded.setup()
+    assert folded.describe()["norms_folded"] == FOLDS_PER_LAYER["gqa"] * LAYERS  # tied head: not folded
+    for options, batch in (({"gemv_max_rows": 1, "gemv_fuse": False}, 1), ({"gemv_max_rows": 1}, 2), ({}, 1)):
+        other = engine(batch, **options)
+        other.setup()
+        assert other.describe()["norms_folded"] == 0, (options, batch)

@@ -88,10 +88,12 @@ def test_swiglu_prologue_and_residual_epilogue():
     assert rel_err(torch.ops.phasewatt.gemv(x, w, residual, 2.0), residual.float() + 2.0 * F.linear(x.float(), w.float())) < 1e-2
 
 
+@pytest.mark.parametrize("fold", [False, True])
 @pytest.mark.parametrize("arch", ["gqa", "mla", "gdn", "mamba2"])
-def test_model_decode_through_the_kernel_matches_cublas(arch):
+def test_model_decode_through_the_kernel_matches_cublas(arch, fold):
     """A small bf16 model: 8 decode steps with every product through the kernel (fused
-    prologues and epilogues) against the same steps through F.linear: close logits."""
+    prologues and epilogues; fold: norm weights folded into the products, as the engine does)
+    against the same steps through F.linear: close logits."""
     from phasewatt.models.registry import build_model
     from phasewatt.models.spec import ModelSpec
 
@@ -106,6 +108,8 @@ def test_model_decode_through_the_kernel_matches_cublas(arch):
     for rows in (0, 1):
         model = build_model(spec, device="cuda", dtype=torch.bfloat16, seed=3).eval().requires_grad_(False)
         gemv.use_gemv(model, rows)
+        if rows and fold:
+            assert gemv.fold_norm_weights(model) > 0
         model.setup_caches(1, 40)
         tokens = torch.randint(0, 1000, (1, 24), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
         with torch.no_grad():
@@ -164,3 +168,23 @@ def test_norm_prologue_with_strided_rows_and_delta():
     s = x.float() + delta.float()
     assert rel_err(total, s) < 1e-2
     assert rel_err(y, F.linear(_rms(s, g, 1e-6, 0.0), w.float())) < 1e-2
+
+
+@pytest.mark.parametrize("variant", ["rms", "norm_glu", "rms_glu"])
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("config", [None, {"BLOCK_N": 1, "BLOCK_K": 512, "num_warps": 4, "num_stages": 2},
+                                    {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}])
+def test_folded_norm_and_glu_epilogue(variant, rows, config):
+    """rms: RMSNorm without a weight (folded into W); *_glu: W = [gate; up] and the output
+    SiLU(x W_gate^T) * (x W_up^T), N = 1000 not a multiple of BLOCK_N, K = 2500 of BLOCK_K."""
+    k, n = 2500, 1000
+    glu = variant.endswith("_glu")
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    g = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5 if variant.startswith("norm") else None
+    w = torch.randn(2 * n if glu else n, k, device="cuda", dtype=torch.bfloat16) / 10
+    residual = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16)
+    y, _ = gemv.triton_gemv(x, w, config, norm_weight=g, rms=True, eps=1e-6, glu=glu, residual=residual)
+    product = F.linear(_rms(x.float(), g if g is not None else torch.ones_like(x[0]), 1e-6, 0.0), w.float())
+    expected = F.silu(product[:, :n]) * product[:, n:] if glu else product
+    assert y.shape == (rows, n)
+    assert rel_err(y, residual.float() + expected) < 1e-2

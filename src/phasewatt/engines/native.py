@@ -21,7 +21,7 @@ from contextlib import nullcontext
 
 from phasewatt.errors import ConfigError
 from phasewatt.models.decoder import ALL_DECODE_ATTENTION
-from phasewatt.models.gemv import AUTO_ROWS as GEMV_AUTO_ROWS, MAX_ROWS as GEMV_MAX_ROWS, use_gemv
+from phasewatt.models.gemv import AUTO_ROWS as GEMV_AUTO_ROWS, MAX_ROWS as GEMV_MAX_ROWS, fold_norm_weights, use_gemv
 from phasewatt.models.loader import load_checkpoint
 from phasewatt.models.registry import build_model, model_class
 
@@ -34,7 +34,7 @@ DEFAULT_OPTIONS = {
     "compile_prefill": "auto",  # true | false | auto (= whenever the decode step is compiled)
     "prefill_graph": "auto",  # true | false | auto (= on CUDA with cuda_graph, prompts of <= PREFILL_GRAPH_MAX_TOKENS)
     "coordinate_descent_tuning": True,  # inductor's tuning that turns batch-1 GEMVs into fused reductions
-    "gemv_fuse": True,  # norms, SiLU*up and residual adds fused into the GEMV kernel
+    "gemv_fuse": True,  # norms, SiLU*up and residual adds fused into the GEMV kernel, norm weights folded
     "gemv_max_rows": "auto",  # products of at most this many rows through the Triton GEMV (0: off; auto: see models.gemv)
 }
 COMPILE_CHOICES = (True, False, "auto")
@@ -105,6 +105,7 @@ class NativeEngine:
         self.model = self.graph = self.prefill_graph = None
         self.prefill_graph_error = None
         self.gemv_max_rows = 0
+        self.norms_folded = 0
 
     def _compile_how(self) -> str:
         """none | regional (the model's compile_decode) | whole (torch.compile of decode)."""
@@ -142,6 +143,8 @@ class NativeEngine:
             model.set_decode_attention(model.cuda_decode_attention)
         self.gemv_max_rows = self._gemv_max_rows()
         use_gemv(self.model, self.gemv_max_rows, fuse=self.options["gemv_fuse"])
+        if self.options["gemv_fuse"] and self.batch <= self.gemv_max_rows:
+            self.norms_folded = fold_norm_weights(self.model)
         if self.compile_how != "none" or self.compile_prefill:
             self._configure_inductor()
         if self.compile_prefill and hasattr(self.model, "compile_prefill"):
@@ -334,6 +337,7 @@ class NativeEngine:
             "prefill_graph_error": self.prefill_graph_error,
             "gemv_max_rows": self.gemv_max_rows,
             "gemv_fuse": self.options["gemv_fuse"] if self.gemv_max_rows else None,
+            "norms_folded": self.norms_folded,
             "coordinate_descent_tuning": self.options["coordinate_descent_tuning"] if self.compile_how != "none" or self.compile_prefill else None,
             "cache_len": getattr(self.model, "cache_len", None),
             "checkpoint": str(self.checkpoint) if self.checkpoint else None,

@@ -38,12 +38,17 @@ class LMHead(nn.Module):
     def __init__(self, d_model: int, vocab_size: int, eps: float, weight: nn.Parameter | None, logit_divisor: float, device, dtype):
         super().__init__()
         self.norm = RMSNorm(d_model, eps, device=device, dtype=dtype)
+        self.tied = weight is not None
         if weight is None:
             self.lm_head = Linear(d_model, vocab_size, bias=False, device=device, dtype=dtype)
         else:  # built on the meta device, so the tied case allocates no second matrix
             self.lm_head = Linear(d_model, vocab_size, bias=False, device="meta", dtype=dtype)
             self.lm_head.weight = weight
         self.logit_divisor = logit_divisor
+
+    def norm_folds(self):
+        """The final norm folds into an untied lm_head (a tied one is the embedding too)."""
+        return [] if self.tied else [(self.norm, [self.lm_head])]
 
     def forward(self, h: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
         """Decode-step logits (the call compile_decode compiles)."""

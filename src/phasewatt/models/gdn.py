@@ -25,7 +25,7 @@ from torch import nn
 
 from phasewatt.errors import ConfigError
 from phasewatt.models import linear_ops
-from phasewatt.models.gemv import Linear, norm_linear, residual_linear, swiglu_residual
+from phasewatt.models.gemv import Linear, norm_linear, norm_mlp_residual, residual_linear
 from phasewatt.models.layers import SwiGLU
 from phasewatt.models.loader import CheckpointError, HFTensors
 from phasewatt.models.recurrent import RecurrentModel
@@ -189,9 +189,12 @@ class GatedDeltaNetBlock(nn.Module):
         """One decode step; the norms and residual adds ride on the projections (gemv)."""
         proj, _ = norm_linear(h, None, self.input_norm, self.mixer.in_proj)
         h = residual_linear(self.mixer.decode(proj, conv_state, ssm_state), self.mixer.out_proj, h)
-        gate_up, h = norm_linear(h, None, self.post_norm, self.mlp.gate_up)
-        h, delta = swiglu_residual(gate_up, self.mlp.down, h)
+        h, delta = norm_mlp_residual(h, self.post_norm, self.mlp)
         return h if delta is None else h + delta
+
+    def norm_folds(self):
+        """(norm, the products it feeds): what gemv.fold_norm_weights may fold."""
+        return [(self.input_norm, [self.mixer.in_proj]), (self.post_norm, [self.mlp.gate_up])]
 
     def load_hf(self, tensors: HFTensors, prefix: str) -> None:
         tensors.copy_into(self.input_norm.weight, prefix + "input_layernorm.weight")

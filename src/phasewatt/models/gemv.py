@@ -50,9 +50,18 @@ def default_config(rows: int, n: int, k: int) -> dict:
     return {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 2}
 
 
+def variant_name(norm: bool, norm_weight: bool, swiglu: bool, glu: bool) -> str:
+    """The kernel variant a call runs: plain, swiglu (SiLU(gate) * up prologue), norm (RMSNorm
+    prologue with its weight) or rms (the weight folded into the matrix: fold_norm_weights),
+    each with _glu when the epilogue takes SiLU(gate) * up of the products (gate_up weights)."""
+    base = ("norm" if norm_weight else "rms") if norm else ("swiglu" if swiglu else "plain")
+    return base + "_glu" if glu else base
+
+
 def config_key(rows: int, n: int, k: int, variant: str = "plain") -> str:
-    """'rows,N,K' for the plain product, 'variant:rows,N,K' for a fused one (norm or swiglu):
-    each is tuned on its own, since a prologue adds loads and arithmetic per weight tile."""
+    """'rows,N,K' for the plain product, 'variant:rows,N,K' for a fused one (variant_name):
+    each is tuned on its own, since a prologue adds loads and arithmetic per weight tile.
+    N is the weight's rows (twice the output for _glu)."""
     shape = f"{rows_bucket(rows)},{n},{k}"
     return shape if variant == "plain" else f"{variant}:{shape}"
 
@@ -72,10 +81,18 @@ def load_table(device_name: str) -> dict:
 
 
 def config_for(device_name: str, rows: int, n: int, k: int, variant: str = "plain") -> dict:
-    """The tuned config of this variant and shape, else the plain product's, else the size rule."""
+    """The tuned config of this variant and weight shape [n, k], else the plain product's, else
+    the size rule. A _glu program reads BLOCK_N gate and BLOCK_N up rows, so the plain and rule
+    configs give it half their BLOCK_N (the same weight bytes per program)."""
     table = load_table(device_name)
-    tuned = table.get(config_key(rows, n, k, variant)) or table.get(config_key(rows, n, k))
-    return {key: tuned[key] for key in CONFIG_KEYS} if tuned else default_config(rows, n, k)
+    tuned = table.get(config_key(rows, n, k, variant))
+    if tuned:
+        return {key: tuned[key] for key in CONFIG_KEYS}
+    plain = table.get(config_key(rows, n, k))
+    config = {key: plain[key] for key in CONFIG_KEYS} if plain else default_config(rows, n, k)
+    if variant.endswith("_glu"):
+        config["BLOCK_N"] = max(1, config["BLOCK_N"] // 2)
+    return config
 
 
 @functools.lru_cache(maxsize=1)
@@ -89,7 +106,8 @@ def _kernel():
         x_ptr, w_ptr, y_ptr, d_ptr, s_ptr, z_ptr, g_ptr, r_ptr, M, N, K, stride_xm, stride_zm, stride_wn, stride_ym,
         eps, g_offset, out_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-        NORM: tl.constexpr, HAS_DELTA: tl.constexpr, GATE: tl.constexpr, SWIGLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+        NORM: tl.constexpr, NORM_WEIGHT: tl.constexpr, HAS_DELTA: tl.constexpr, GATE: tl.constexpr,
+        SWIGLU: tl.constexpr, GLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     ):
         pid = tl.program_id(0)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -100,12 +118,14 @@ def _kernel():
         # Rows past N read row 0 instead of masking: the weight stream stays unmasked.
         rows = tl.where(n_ok, rn, 0).to(tl.int64)
         w_ptrs = w_ptr + rows[:, None] * stride_wn + rk[None, :]
+        up_ptrs = w_ptrs + N * stride_wn  # GLU: the up row N below each gate row
         x_offsets = rm[:, None] * stride_xm + rk[None, :]
         z_offsets = rm[:, None] * stride_zm + rk[None, :]
         if BLOCK_M == 1:
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros_like(acc)
         squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k_ok = (k0 + rk) < K
@@ -114,6 +134,11 @@ def _kernel():
                 w = tl.load(w_ptrs)
             else:
                 w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
+            if GLU:
+                if EVEN_K:
+                    w_up = tl.load(up_ptrs)
+                else:
+                    w_up = tl.load(up_ptrs, mask=k_ok[None, :], other=0.0)
             x = tl.load(x_ptr + x_offsets, mask=x_mask, other=0.0).to(tl.float32)
             if SWIGLU:  # x holds [gate | up], each K wide: silu(gate) * up
                 up = tl.load(x_ptr + K + x_offsets, mask=x_mask, other=0.0).to(tl.float32)
@@ -126,22 +151,33 @@ def _kernel():
                     z = tl.load(z_ptr + z_offsets, mask=x_mask, other=0.0).to(tl.float32)
                     x = x * z * tl.sigmoid(z)
                 squares += x * x
-                g = tl.load(g_ptr + k0 + rk, mask=k_ok, other=0.0).to(tl.float32) + g_offset
-                x = x * g[None, :]
+                if NORM_WEIGHT:  # else folded into the weight (fold_norm_weights)
+                    g = tl.load(g_ptr + k0 + rk, mask=k_ok, other=0.0).to(tl.float32) + g_offset
+                    x = x * g[None, :]
             if BLOCK_M == 1:
                 acc += w.to(tl.float32) * x
+                if GLU:
+                    acc_up += w_up.to(tl.float32) * x
             else:
                 acc += tl.sum(w.to(tl.float32)[None, :, :] * x[:, None, :], axis=2)
+                if GLU:
+                    acc_up += tl.sum(w_up.to(tl.float32)[None, :, :] * x[:, None, :], axis=2)
             w_ptrs += BLOCK_K
+            up_ptrs += BLOCK_K
             x_offsets += BLOCK_K
             z_offsets += BLOCK_K
         if BLOCK_M == 1:
             y = tl.sum(acc, axis=1)[None, :]
+            y_up = tl.sum(acc_up, axis=1)[None, :]
         else:
             y = acc
+            y_up = acc_up
+        scale = out_scale
         if NORM:  # the RMS factor of each row of x factors out of its dot products
-            y = y * tl.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]
-        y = y * out_scale
+            scale = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None] * out_scale
+        y = y * scale
+        if GLU:  # SiLU(gate) * up, from the gate and up products of the same x
+            y = y * tl.sigmoid(y) * (y_up * scale)
         y_offsets = rm[:, None] * stride_ym + rn[None, :]
         y_mask = m_ok[:, None] & n_ok[None, :]
         if HAS_RESIDUAL:
@@ -153,19 +189,25 @@ def _kernel():
 
 def triton_gemv(
     x: torch.Tensor, weight: torch.Tensor, config: dict | None = None, *, delta=None, gate=None, norm_weight=None,
-    eps: float = 0.0, norm_offset: float = 0.0, swiglu: bool = False, residual=None, out_scale: float = 1.0,
+    rms: bool = False, eps: float = 0.0, norm_offset: float = 0.0, swiglu: bool = False, glu: bool = False, residual=None,
+    out_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """y = out_scale * f(x) @ weight.T (+ residual) on CUDA through the kernel, for x [..., K]
     of at most MAX_ROWS rows (x [..., 2K] with swiglu). f: identity; silu(gate) * up (swiglu);
-    or RMSNorm((x + delta) * SiLU(gate)) * (norm_weight + norm_offset) (norm_weight given;
-    delta and gate optional), in which case the sum x + delta is returned too. config: block
-    sizes (CONFIG_KEYS), else the tuned table or the size rule. Returns (y, sum or None)."""
-    n = weight.shape[0]
-    k = weight.shape[1]
+    or RMSNorm((x + delta) * SiLU(gate)) * (norm_weight + norm_offset) (norm_weight given, or
+    rms=True for a norm whose weight is folded into `weight`; delta and gate optional), in
+    which case the sum x + delta is returned too. glu: weight is [gate; up] (2N rows) and y
+    the N-wide SiLU(x W_gate^T) * (x W_up^T). config: block sizes (CONFIG_KEYS), else the tuned
+    table or the size rule. Returns (y, sum or None)."""
+    n_weight, k = weight.shape
+    norm = norm_weight is not None or rms
+    if glu and n_weight % 2:
+        raise ValueError(f"gemv: glu needs a [gate; up] weight of an even number of rows, got {n_weight}")
+    n = n_weight // 2 if glu else n_weight
     if x.shape[-1] != (2 * k if swiglu else k):
-        raise ValueError(f"gemv: x has {x.shape[-1]} columns; the weight [{n}, {k}] needs {2 * k if swiglu else k}")
-    if (delta is not None or gate is not None) and norm_weight is None:
-        raise ValueError("gemv: delta and gate are inputs of the norm prologue; give norm_weight")
+        raise ValueError(f"gemv: x has {x.shape[-1]} columns; the weight [{n_weight}, {k}] needs {2 * k if swiglu else k}")
+    if (delta is not None or gate is not None) and not norm:
+        raise ValueError("gemv: delta and gate are inputs of the norm prologue; give norm_weight or rms=True")
     for name, t in (("delta", delta), ("gate", gate)):
         if t is not None and t.shape[-1] != k:
             raise ValueError(f"gemv: {name} has {t.shape[-1]} columns, x has {k}")
@@ -179,8 +221,8 @@ def triton_gemv(
         weight = weight.contiguous()
     rows = x2.shape[0]
     if config is None:
-        variant = "norm" if norm_weight is not None else "swiglu" if swiglu else "plain"
-        config = config_for(torch.cuda.get_device_name(x.device), rows, n, k, variant)
+        variant = variant_name(norm, norm_weight is not None, swiglu, glu)
+        config = config_for(torch.cuda.get_device_name(x.device), rows, n_weight, k, variant)
     y = torch.empty((rows, n), device=x.device, dtype=weight.dtype)
     d2 = delta.reshape(rows, k).contiguous() if delta is not None else x2
     total = torch.empty_like(x2) if delta is not None else None
@@ -193,20 +235,27 @@ def triton_gemv(
         x2, weight, y, d2, total if total is not None else x2, z2, norm_weight if norm_weight is not None else weight, r2,
         rows, n, k, x2.stride(0), z2.stride(0), weight.stride(0), y.stride(0), float(eps), float(norm_offset), float(out_scale),
         BLOCK_M=rows_bucket(rows), BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], EVEN_K=k % config["BLOCK_K"] == 0,
-        NORM=norm_weight is not None, HAS_DELTA=delta is not None, GATE=gate is not None, SWIGLU=swiglu,
-        HAS_RESIDUAL=residual is not None,
+        NORM=norm, NORM_WEIGHT=norm_weight is not None, HAS_DELTA=delta is not None, GATE=gate is not None,
+        SWIGLU=swiglu, GLU=glu, HAS_RESIDUAL=residual is not None,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return y.view(*x.shape[:-1], n), (total.view(x.shape) if total is not None else None)
 
 
 # ----- the custom ops: one call each inside a compiled graph; plain torch on CPU ----------------
-def _rms_normed(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
+def _rms_normed(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float) -> torch.Tensor:
     """x / rms(x) * (weight + offset) computed in float32, cast back once (layers.RMSNorm casts
-    before the weight product: equal in float32, up to one bf16 rounding apart in bfloat16)."""
+    before the weight product: equal in float32, up to one bf16 rounding apart in bfloat16);
+    weight None: folded into the next product, x / rms(x) alone."""
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return (x32 * (weight.float() + offset)).to(x.dtype)
+    return (x32 * (weight.float() + offset) if weight is not None else x32).to(x.dtype)
+
+
+def _glu(y: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up of y = [gate | up]."""
+    gate, up = y.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 @torch.library.custom_op("phasewatt::gemv", mutates_args=())
@@ -245,27 +294,31 @@ gemv_swiglu.register_fake(lambda x, weight, residual=None, out_scale=1.0: _produ
 
 @torch.library.custom_op("phasewatt::gemv_rmsnorm", mutates_args=())
 def gemv_rmsnorm(
-    x: torch.Tensor, delta: torch.Tensor | None, gate: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-    norm_offset: float, weight: torch.Tensor, residual: torch.Tensor | None = None, out_scale: float = 1.0,
+    x: torch.Tensor, delta: torch.Tensor | None, gate: torch.Tensor | None, norm_weight: torch.Tensor | None, eps: float,
+    norm_offset: float, weight: torch.Tensor, residual: torch.Tensor | None = None, out_scale: float = 1.0, glu: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out_scale * RMSNorm((x + delta) * SiLU(gate)) @ weight.T (+ residual), x + delta);
-    delta and gate optional; without delta the second output is empty (the sum is x itself)."""
+    delta and gate optional; without delta the second output is empty (the sum is x itself).
+    norm_weight None: the norm's weight is folded into `weight`. glu: weight is [gate; up] and
+    the product's SiLU(gate) * up is returned (before the residual add)."""
     if x.is_cuda:
         y, total = triton_gemv(
-            x, weight, delta=delta, gate=gate, norm_weight=norm_weight, eps=eps, norm_offset=norm_offset,
-            residual=residual, out_scale=out_scale,
+            x, weight, delta=delta, gate=gate, norm_weight=norm_weight, rms=True, eps=eps, norm_offset=norm_offset,
+            glu=glu, residual=residual, out_scale=out_scale,
         )
         return y, (total if total is not None else x.new_empty(0))
     total = x + delta if delta is not None else x
     gated = total.float() * F.silu(gate.float()) if gate is not None else total
     normed = _rms_normed(gated, norm_weight, eps, norm_offset).to(weight.dtype)
     normed = normed * out_scale if out_scale != 1.0 else normed
-    return _epilogue(F.linear(normed, weight), residual, 1.0), (total if delta is not None else x.new_empty(0))
+    y = F.linear(normed, weight)
+    return _epilogue(_glu(y) if glu else y, residual, 1.0), (total if delta is not None else x.new_empty(0))
 
 
 @gemv_rmsnorm.register_fake
-def _(x, delta, gate, norm_weight, eps, norm_offset, weight, residual=None, out_scale=1.0):
-    return _product_like(x, weight), (torch.empty_like(x) if delta is not None else x.new_empty(0))
+def _(x, delta, gate, norm_weight, eps, norm_offset, weight, residual=None, out_scale=1.0, glu=False):
+    y = x.new_empty((*x.shape[:-1], weight.shape[0] // 2 if glu else weight.shape[0]), dtype=weight.dtype)
+    return y, (torch.empty_like(x) if delta is not None else x.new_empty(0))
 
 
 # ----- what the models call ---------------------------------------------------------------------
@@ -292,7 +345,7 @@ def norm_linear(x, delta, norm: nn.Module, lin: "Linear", out_scale: float = 1.0
     modules run as they are. `norm` needs weight, eps and weight_offset (0 for x * w, 1 for
     the zero-centred x * (1 + w))."""
     if _fuses(x, lin):
-        y, total = torch.ops.phasewatt.gemv_rmsnorm(x, delta, None, norm.weight, norm.eps, norm.weight_offset, lin.weight, None, out_scale)
+        y, total = torch.ops.phasewatt.gemv_rmsnorm(x, delta, None, _norm_weight(norm), norm.eps, norm.weight_offset, lin.weight, None, out_scale)
         return y, (total if delta is not None else x)
     total = x + delta if delta is not None else x
     normed = norm(total)
@@ -311,8 +364,46 @@ def gated_norm_residual(x, gate, norm: nn.Module, lin: "Linear", residual):
     gated RMSNorm with one group, x possibly float32); through the kernel the gate and norm
     are its prologue and the add its epilogue."""
     if _fuses(x, lin) and norm.n_groups == 1:
-        return torch.ops.phasewatt.gemv_rmsnorm(x, None, gate, norm.weight, norm.eps, 0.0, lin.weight, residual, 1.0)[0]
+        return torch.ops.phasewatt.gemv_rmsnorm(x, None, gate, _norm_weight(norm), norm.eps, 0.0, lin.weight, residual, 1.0)[0]
     return residual + lin(norm(x, gate))
+
+
+def _norm_weight(norm: nn.Module) -> torch.Tensor | None:
+    """What the kernel's prologue multiplies by: the norm's weight, or None once folded."""
+    return None if getattr(norm, "folded", False) else norm.weight
+
+
+def norm_mlp_residual(h, norm: nn.Module, mlp: nn.Module, out_scale: float = 1.0):
+    """h + out_scale * mlp(norm(h)) for a SwiGLU mlp (gate_up, down), as (h, delta). Through
+    the kernel: the norm is the gate_up product's prologue and SiLU(gate) * up its epilogue,
+    the add the down product's epilogue ((h + y, None)); otherwise (h, y), the add left to the
+    caller's next norm."""
+    if _fuses(h, mlp.gate_up) and _fuses(h, mlp.down):
+        act = torch.ops.phasewatt.gemv_rmsnorm(h, None, None, _norm_weight(norm), norm.eps, norm.weight_offset, mlp.gate_up.weight, None, 1.0, True)[0]
+        return torch.ops.phasewatt.gemv(act, mlp.down.weight, h, out_scale), None
+    gate_up, h = norm_linear(h, None, norm, mlp.gate_up)
+    return swiglu_residual(gate_up, mlp.down, h, out_scale)
+
+
+@torch.no_grad()
+def fold_norm_weights(model: nn.Module) -> int:
+    """Multiply each norm's scale (weight + weight_offset) into the input columns of the
+    products it feeds (the pairs the model's layers list in norm_folds()), leaving the norm a
+    plain x / rms(x): the model computes the same function (one more bf16 rounding of those
+    weights), and the decode kernel no longer loads and multiplies a norm weight per tile.
+    Returns how many norms it folded; a second call folds nothing."""
+    folded = 0
+    for module in model.modules():
+        for norm, linears in getattr(module, "norm_folds", lambda: ())():
+            if getattr(norm, "folded", False):
+                continue
+            scale = norm.weight.float() + norm.weight_offset
+            for lin in linears:
+                lin.weight.copy_((lin.weight.float() * scale).to(lin.weight.dtype))
+            norm.weight.fill_(1.0 - norm.weight_offset)
+            norm.folded = True
+            folded += 1
+    return folded
 
 
 def swiglu_residual(gate_up, lin: "Linear", residual, out_scale: float = 1.0):

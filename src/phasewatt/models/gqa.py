@@ -15,7 +15,7 @@ from torch import nn
 from phasewatt.errors import ConfigError
 from phasewatt.models.decode_attention import attend_torch, norm_rope_qk, split_qkv
 from phasewatt.models.decoder import DECODE_ATTENTION, DecoderModel
-from phasewatt.models.gemv import Linear, norm_linear, residual_linear, swiglu_residual
+from phasewatt.models.gemv import Linear, norm_linear, norm_mlp_residual, residual_linear
 from phasewatt.models.layers import RMSNorm, SwiGLU
 from phasewatt.models.loader import HFTensors
 
@@ -61,8 +61,11 @@ class GQALayer(nn.Module):
         else:
             out = attend_torch(*args, kind=self.decode_attention)
         h = residual_linear(out, self.o, h)
-        gate_up, h = norm_linear(h, None, self.mlp_norm, self.mlp.gate_up)
-        return swiglu_residual(gate_up, self.mlp.down, h)
+        return norm_mlp_residual(h, self.mlp_norm, self.mlp)
+
+    def norm_folds(self):
+        """(norm, the products it feeds): what gemv.fold_norm_weights may fold."""
+        return [(self.attn_norm, [self.qkv]), (self.mlp_norm, [self.mlp.gate_up])]
 
     def prefill(self, h, delta, cos, sin, cache):
         """Whole prompts h, delta [b, S, d] from position 0; cache: views of their rows."""

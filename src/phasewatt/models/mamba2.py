@@ -34,6 +34,8 @@ from phasewatt.models.spec import ModelSpec
 class GroupedGatedRMSNorm(nn.Module):
     """x * SiLU(gate), then RMSNorm over each of n_groups equal slices (gate before norm)."""
 
+    weight_offset = 0.0  # the scale is the weight itself (what gemv.fold_norm_weights reads)
+
     def __init__(self, dim: int, n_groups: int, eps: float, device=None, dtype=None):
         super().__init__()
         self.n_groups = n_groups
@@ -158,6 +160,11 @@ class Mamba2Block(nn.Module):
         proj, _ = norm_linear(h, None, self.norm, self.mixer.in_proj)
         y, z = self.mixer.decode(proj, conv_state, ssm_state)
         return gated_norm_residual(y, z, self.mixer.norm, self.mixer.out_proj, h)
+
+    def norm_folds(self):
+        """(norm, the products it feeds): what gemv.fold_norm_weights may fold; the gated norm
+        scales each channel after normalising, so its weight folds into out_proj too."""
+        return [(self.norm, [self.mixer.in_proj]), (self.mixer.norm, [self.mixer.out_proj])]
 
 
 class Mamba2Model(RecurrentModel):

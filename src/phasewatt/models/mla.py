@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from phasewatt.models.decoder import DecoderModel, spec_extra
-from phasewatt.models.gemv import Linear, norm_linear, residual_linear, swiglu_residual
+from phasewatt.models.gemv import Linear, norm_linear, norm_mlp_residual, residual_linear
 from phasewatt.models.layers import RMSNorm, SwiGLU, apply_rope
 from phasewatt.models.loader import CheckpointError, HFTensors
 
@@ -97,8 +97,12 @@ class MLALayer(nn.Module):
             out_lat = torch.bmm(probs, latent[:, :, : self.kv_lora])  # [B, H, kv_lora]
         out = torch.einsum("bhc,hvc->bhv", out_lat, w_uv).reshape(b, self.n_heads * self.v_dim)
         h = residual_linear(out, self.o, h, self.residual_scale)
-        gate_up, h = norm_linear(h, None, self.mlp_norm, self.mlp.gate_up)
-        return swiglu_residual(gate_up, self.mlp.down, h, self.residual_scale)
+        return norm_mlp_residual(h, self.mlp_norm, self.mlp, self.residual_scale)
+
+    def norm_folds(self):
+        """(norm, the products it feeds): what gemv.fold_norm_weights may fold (kv_a_norm's
+        output is the cached latent, read by the absorbed products: not folded)."""
+        return [(self.attn_norm, [self.a_proj]), (self.q_a_norm, [self.q_b_proj]), (self.mlp_norm, [self.mlp.gate_up])]
 
     def prefill(self, h, delta, cos, sin, cache):
         """Whole prompts h, delta [b, S, d] (cache: views of their rows), K/V expanded per head."""

@@ -65,6 +65,10 @@ class RecurrentModel(nn.Module):
         if batch != self.cache_batch:
             raise ValueError(f"states hold batch {self.cache_batch}; asked for batch {batch}")
 
+    def norm_folds(self):
+        """The final norm folds into an untied lm_head (a tied one is the embedding too)."""
+        return [(self.final_norm, [self.lm_head])] if self.lm_head is not None else []
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.lm_head is not None:
             return norm_linear(h, None, self.final_norm, self.lm_head)[0]
