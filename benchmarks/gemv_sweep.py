@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import os
 import statistics
@@ -281,9 +282,17 @@ def main(argv=None) -> int:
         targets.append(gemv.table_path(device_name) if args.write_table == "auto" else Path(args.write_table))
     for path in targets:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, payload)
+        write_json(path, merged_table(path, payload))
     _write_reports(out_dir, results, products, device_name, bandwidth)
     return 0
+
+
+def merged_table(path: Path, payload: dict) -> dict:
+    """payload with the configs an existing table at path holds for shapes this run did not
+    tune (a sweep cut by its budget, or of some models only, keeps the others' entries)."""
+    if not path.is_file():
+        return payload
+    return {**payload, "configs": {**json.loads(path.read_text()).get("configs", {}), **payload["configs"]}}
 
 
 def _triton_version() -> str:
