@@ -75,9 +75,9 @@ class _Products(TorchDispatchMode):
         name = func.name().removeprefix("phasewatt::").split(".")[0] if func.namespace == "phasewatt" else None
         if name == "gemv_rmsnorm":
             glu = bool(args[9]) if len(args) > 9 else bool((kwargs or {}).get("glu", False))
-            variant, weight = gemv.variant_name(True, args[3] is not None, False, glu), args[6]
-        elif name in ("gemv", "gemv_swiglu"):
-            variant, weight = ("plain" if name == "gemv" else "swiglu"), args[1]
+            variant, weight = gemv.variant_name(True, args[3] is not None, glu), args[6]
+        elif name == "gemv":
+            variant, weight = "plain", args[1]
         else:
             return func(*args, **(kwargs or {}))
         key = (variant, weight.shape[0], weight.shape[1])
@@ -156,8 +156,8 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 def variant_call(variant: str, rows: int, n: int, k: int):
     """(inputs, kernel(x, w, config), float32 reference(w)) of one fused variant, as the models
     use it: plain with a residual epilogue, norm/rms (folded weight) with a delta (the sum
-    written), *_glu without (the MLP's gate_up), swiglu with a residual."""
-    x = torch.randn(rows, 2 * k if variant == "swiglu" else k, device="cuda", dtype=torch.bfloat16)
+    written), *_glu without (the MLP's gate_up)."""
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     residual = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16)
     delta = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     norm_weight = torch.rand(k, device="cuda", dtype=torch.bfloat16)
@@ -174,13 +174,6 @@ def variant_call(variant: str, rows: int, n: int, k: int):
         if glu:
             return x, kernel, lambda w: (lambda y: F.silu(y[:, : n // 2]) * y[:, n // 2 :])(F.linear(normed, w.float()))
         return x, kernel, lambda w: F.linear(normed, w.float())
-    if variant == "swiglu":
-        def kernel(a, w, config):
-            return gemv.triton_gemv(a, w, config, swiglu=True, residual=residual)[0]
-
-        gate, up = x.float().chunk(2, dim=-1)
-        return x, kernel, lambda w: residual.float() + F.linear(F.silu(gate) * up, w.float())
-
     def kernel(a, w, config):
         return gemv.triton_gemv(a, w, config, residual=residual)[0]
 

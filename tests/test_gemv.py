@@ -32,8 +32,8 @@ LAYERS = 2
 # in_proj, out_proj. Plus one for the head.
 DECODE_PRODUCTS_PER_LAYER = {"gqa": 4, "mla": 5, "gdn": 4, "mamba2": 2}
 RECURRENT = ("gdn", "mamba2")
-# Every product through the kernel is one of the three ops (plain, RMSNorm prologue, SwiGLU prologue).
-GEMV_PACKETS = (torch.ops.phasewatt.gemv, torch.ops.phasewatt.gemv_rmsnorm, torch.ops.phasewatt.gemv_swiglu)
+# Every product through the kernel is one of the two ops (plain, RMSNorm prologue).
+GEMV_PACKETS = (torch.ops.phasewatt.gemv, torch.ops.phasewatt.gemv_rmsnorm)
 GEMV_TARGETS = GEMV_PACKETS + tuple(p.default for p in GEMV_PACKETS)
 GEMV_OP = torch.ops.phasewatt.gemv.default
 
@@ -364,7 +364,7 @@ def test_engine_option_routes_decode_through_the_op_with_the_same_tokens():
 
 @pytest.mark.parametrize("arch", ["gqa", "mla", "gdn", "mamba2"])
 def test_fused_and_unfused_decode_route_through_different_ops(arch, fresh_dynamo):
-    """fuse=True: norms and SwiGLU ride on gemv_rmsnorm/gemv_swiglu; fuse=False: every product
+    """fuse=True: norms (and SwiGLU, as the epilogue) ride on gemv_rmsnorm; fuse=False: every product
     is the plain op (the neighbours stay in the graph); same number of products either way."""
     model = tiny_model(arch)
     model.setup_caches(1, 8)
@@ -372,8 +372,7 @@ def test_fused_and_unfused_decode_route_through_different_ops(arch, fresh_dynamo
     for fuse in (True, False):
         gemv.use_gemv(model, 1, fuse=fuse)
         targets = traced_targets(model.decode, *args)
-        fused = sum(t in (torch.ops.phasewatt.gemv_rmsnorm, torch.ops.phasewatt.gemv_rmsnorm.default,
-                          torch.ops.phasewatt.gemv_swiglu, torch.ops.phasewatt.gemv_swiglu.default) for t in targets)
+        fused = sum(t in (torch.ops.phasewatt.gemv_rmsnorm, torch.ops.phasewatt.gemv_rmsnorm.default) for t in targets)
         assert sum(t in GEMV_TARGETS for t in targets) == decode_products(arch), fuse
         assert (fused > 0) == fuse, (fuse, fused)
 
@@ -385,7 +384,6 @@ def test_fused_ops_pass_opcheck_on_cpu():
     weight, residual = torch.randn(24, 32), torch.randn(1, 24)
     torch.library.opcheck(torch.ops.phasewatt.gemv_rmsnorm.default, (x, delta, None, torch.rand(32), 1e-6, 1.0, weight, None, 0.5))
     torch.library.opcheck(torch.ops.phasewatt.gemv_rmsnorm.default, (x, None, gate, torch.rand(32), 1e-6, 0.0, weight, residual, 1.0))
-    torch.library.opcheck(torch.ops.phasewatt.gemv_swiglu.default, (torch.randn(1, 64), weight, residual, 0.25))
     torch.library.opcheck(torch.ops.phasewatt.gemv.default, (x, weight, residual, 2.0))
     state = torch.randn(2, 4, 8, 16)
     proj = torch.randn(2, 4 * 16 + 2 * 8 + 4)
@@ -415,8 +413,6 @@ def test_kernel_wrapper_rejects_mismatched_inputs_before_launching():
     w = torch.zeros(8, 16)
     with pytest.raises(ValueError, match="columns"):
         gemv.triton_gemv(torch.zeros(1, 15), w)
-    with pytest.raises(ValueError, match="needs 32"):
-        gemv.triton_gemv(torch.zeros(1, 16), w, swiglu=True)
     with pytest.raises(ValueError, match="norm_weight"):
         gemv.triton_gemv(torch.zeros(1, 16), w, delta=torch.zeros(1, 16))
     with pytest.raises(ValueError, match="delta has 15"):
@@ -482,9 +478,9 @@ def test_mlp_takes_one_glu_product_and_one_plain_product(fresh_dynamo):
     model.setup_caches(1, 8)
     with torch.no_grad(), OpCalls() as calls:
         model.decode(torch.zeros(1, dtype=torch.long), torch.tensor([3]))
-    glu_calls = [f for f in calls.ops if f is torch.ops.phasewatt.gemv_rmsnorm.default]
-    assert calls.count(torch.ops.phasewatt.gemv_swiglu.default) == 0
-    assert len(glu_calls) == 2 * LAYERS + 1  # attn and mlp norms per layer, the head's
+    norm_calls = [f for f in calls.ops if f is torch.ops.phasewatt.gemv_rmsnorm.default]
+    assert len(norm_calls) == 2 * LAYERS + 1  # attn and mlp norms per layer, the head's
+    assert calls.count(GEMV_OP) == decode_products("gqa")
 
 
 def test_glu_op_on_cpu_matches_the_modules():
@@ -515,10 +511,9 @@ def test_glu_and_folded_ops_pass_opcheck_on_cpu():
 
 
 def test_variant_names_and_the_glu_fallback_config(config_dir):
-    assert gemv.variant_name(False, False, False, False) == "plain"
-    assert gemv.variant_name(True, True, False, False) == "norm"
-    assert gemv.variant_name(True, False, False, True) == "rms_glu"
-    assert gemv.variant_name(False, False, True, False) == "swiglu"
+    assert gemv.variant_name(False, False, False) == "plain"
+    assert gemv.variant_name(True, True, False) == "norm"
+    assert gemv.variant_name(True, False, True) == "rms_glu"
     write_table(config_dir / "Fake_GPU.json", {
         "1,4096,512": {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 2},
         "rms_glu:1,2048,512": {"BLOCK_N": 4, "BLOCK_K": 256, "num_warps": 8, "num_stages": 1},
@@ -544,3 +539,16 @@ def test_engine_folds_norms_only_where_the_kernel_runs():
         other = engine(batch, **options)
         other.setup()
         assert other.describe()["norms_folded"] == 0, (options, batch)
+
+
+def test_committed_tables_name_only_kernel_variants():
+    """Every entry of the shipped tables is 'rows,N,K' or '<variant>:rows,N,K' of a variant the
+    kernel runs, with all four block sizes (a stale variant would never be read)."""
+    variants = {gemv.variant_name(norm, weight, glu) for norm in (False, True) for weight in (False, True) for glu in (False, True)}
+    tables = sorted(gemv.CONFIG_DIR.glob("*.json"))
+    assert tables
+    for path in tables:
+        for key, config in json.loads(path.read_text())["configs"].items():
+            variant, _, shape = key.rpartition(":")
+            assert (variant or "plain") in variants, (path.name, key)
+            assert len(shape.split(",")) == 3 and set(gemv.CONFIG_KEYS) <= set(config), (path.name, key)

@@ -76,14 +76,10 @@ def test_rmsnorm_prologue(with_delta, offset):
         assert total.numel() == 0
 
 
-def test_swiglu_prologue_and_residual_epilogue():
+def test_residual_epilogue():
     k, n = 9728, 2560
-    gate_up = torch.randn(1, 2 * k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
     residual = torch.randn(1, n, device="cuda", dtype=torch.bfloat16) * 50
-    y = torch.ops.phasewatt.gemv_swiglu(gate_up, w, residual, 0.25)
-    gate, up = gate_up.float().chunk(2, dim=-1)
-    assert rel_err(y, residual.float() + 0.25 * F.linear(F.silu(gate) * up, w.float())) < 1e-2
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     assert rel_err(torch.ops.phasewatt.gemv(x, w, residual, 2.0), residual.float() + 2.0 * F.linear(x.float(), w.float())) < 1e-2
 

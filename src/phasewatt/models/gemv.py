@@ -6,14 +6,17 @@ bandwidth, or should be. On an H200, cuBLAS read our models' layer weights at 45
 copy bandwidth (8% for MLA's smallest) and inductor's reductions at 58-90% (RESULTS.md). This
 is a Triton kernel for y = x W^T with few rows of x: each program streams BLOCK_N whole rows
 of W in BLOCK_K-wide tiles and keeps the products in float32 registers until the end. What
-surrounds a product in a layer rides on it: an RMSNorm of x (+ delta, the residual add, whose
-sum it writes once; optionally gated by SiLU(z)) or SiLU(gate)*up before it, a scale and a
-residual add after it. Block sizes per (variant, rows, N, K) come from a table measured on
-each GPU model by benchmarks/gemv_sweep.py (gemv_configs/<GPU name>.json), else a size rule.
+surrounds a product in a layer rides on it: an RMSNorm of x before it (+ delta, the residual
+add, whose sum it writes once; optionally gated by SiLU(z); the norm's weight folded into W
+at batch 1, fold_norm_weights, so no weight is loaded per tile), and after it a scale, a
+residual add, or SiLU(gate) * up of a [gate; up] weight's two products (the MLP's gate_up,
+whose down product is then a plain one). Block sizes per (variant, rows, N, K) come from a
+table measured on each GPU model by benchmarks/gemv_sweep.py (gemv_configs/<GPU name>.json),
+else a size rule.
 
-The custom ops phasewatt::gemv, gemv_rmsnorm and gemv_swiglu wrap it, so a compiled layer
-keeps each as one call and fuses its other elementwise work around them. On CPU tensors the
-ops are the modules' maths in torch: triton is never imported there.
+The custom ops phasewatt::gemv and gemv_rmsnorm wrap it, so a compiled layer keeps each as
+one call and fuses its other elementwise work around them. On CPU tensors the ops are the
+modules' maths in torch: triton is never imported there.
 """
 from __future__ import annotations
 
@@ -50,11 +53,11 @@ def default_config(rows: int, n: int, k: int) -> dict:
     return {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 2}
 
 
-def variant_name(norm: bool, norm_weight: bool, swiglu: bool, glu: bool) -> str:
-    """The kernel variant a call runs: plain, swiglu (SiLU(gate) * up prologue), norm (RMSNorm
-    prologue with its weight) or rms (the weight folded into the matrix: fold_norm_weights),
-    each with _glu when the epilogue takes SiLU(gate) * up of the products (gate_up weights)."""
-    base = ("norm" if norm_weight else "rms") if norm else ("swiglu" if swiglu else "plain")
+def variant_name(norm: bool, norm_weight: bool, glu: bool) -> str:
+    """The kernel variant a call runs: plain, norm (RMSNorm prologue with its weight) or rms
+    (the weight folded into the matrix: fold_norm_weights), each with _glu when the epilogue
+    takes SiLU(gate) * up of the products (gate_up weights)."""
+    base = ("norm" if norm_weight else "rms") if norm else "plain"
     return base + "_glu" if glu else base
 
 
@@ -107,7 +110,7 @@ def _kernel():
         eps, g_offset, out_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
         NORM: tl.constexpr, NORM_WEIGHT: tl.constexpr, HAS_DELTA: tl.constexpr, GATE: tl.constexpr,
-        SWIGLU: tl.constexpr, GLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+        GLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     ):
         pid = tl.program_id(0)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -140,9 +143,6 @@ def _kernel():
                 else:
                     w_up = tl.load(up_ptrs, mask=k_ok[None, :], other=0.0)
             x = tl.load(x_ptr + x_offsets, mask=x_mask, other=0.0).to(tl.float32)
-            if SWIGLU:  # x holds [gate | up], each K wide: silu(gate) * up
-                up = tl.load(x_ptr + K + x_offsets, mask=x_mask, other=0.0).to(tl.float32)
-                x = x * tl.sigmoid(x) * up
             if NORM:
                 if HAS_DELTA:  # the residual sum x + delta, written once (by program 0)
                     x += tl.load(d_ptr + x_offsets, mask=x_mask, other=0.0).to(tl.float32)
@@ -189,12 +189,12 @@ def _kernel():
 
 def triton_gemv(
     x: torch.Tensor, weight: torch.Tensor, config: dict | None = None, *, delta=None, gate=None, norm_weight=None,
-    rms: bool = False, eps: float = 0.0, norm_offset: float = 0.0, swiglu: bool = False, glu: bool = False, residual=None,
+    rms: bool = False, eps: float = 0.0, norm_offset: float = 0.0, glu: bool = False, residual=None,
     out_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """y = out_scale * f(x) @ weight.T (+ residual) on CUDA through the kernel, for x [..., K]
-    of at most MAX_ROWS rows (x [..., 2K] with swiglu). f: identity; silu(gate) * up (swiglu);
-    or RMSNorm((x + delta) * SiLU(gate)) * (norm_weight + norm_offset) (norm_weight given, or
+    of at most MAX_ROWS rows. f: identity, or
+    RMSNorm((x + delta) * SiLU(gate)) * (norm_weight + norm_offset) (norm_weight given, or
     rms=True for a norm whose weight is folded into `weight`; delta and gate optional), in
     which case the sum x + delta is returned too. glu: weight is [gate; up] (2N rows) and y
     the N-wide SiLU(x W_gate^T) * (x W_up^T). config: block sizes (CONFIG_KEYS), else the tuned
@@ -204,8 +204,8 @@ def triton_gemv(
     if glu and n_weight % 2:
         raise ValueError(f"gemv: glu needs a [gate; up] weight of an even number of rows, got {n_weight}")
     n = n_weight // 2 if glu else n_weight
-    if x.shape[-1] != (2 * k if swiglu else k):
-        raise ValueError(f"gemv: x has {x.shape[-1]} columns; the weight [{n_weight}, {k}] needs {2 * k if swiglu else k}")
+    if x.shape[-1] != k:
+        raise ValueError(f"gemv: x has {x.shape[-1]} columns; the weight [{n_weight}, {k}] needs {k}")
     if (delta is not None or gate is not None) and not norm:
         raise ValueError("gemv: delta and gate are inputs of the norm prologue; give norm_weight or rms=True")
     for name, t in (("delta", delta), ("gate", gate)):
@@ -221,7 +221,7 @@ def triton_gemv(
         weight = weight.contiguous()
     rows = x2.shape[0]
     if config is None:
-        variant = variant_name(norm, norm_weight is not None, swiglu, glu)
+        variant = variant_name(norm, norm_weight is not None, glu)
         config = config_for(torch.cuda.get_device_name(x.device), rows, n_weight, k, variant)
     y = torch.empty((rows, n), device=x.device, dtype=weight.dtype)
     d2 = delta.reshape(rows, k).contiguous() if delta is not None else x2
@@ -236,7 +236,7 @@ def triton_gemv(
         rows, n, k, x2.stride(0), z2.stride(0), weight.stride(0), y.stride(0), float(eps), float(norm_offset), float(out_scale),
         BLOCK_M=rows_bucket(rows), BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], EVEN_K=k % config["BLOCK_K"] == 0,
         NORM=norm, NORM_WEIGHT=norm_weight is not None, HAS_DELTA=delta is not None, GATE=gate is not None,
-        SWIGLU=swiglu, GLU=glu, HAS_RESIDUAL=residual is not None,
+        GLU=glu, HAS_RESIDUAL=residual is not None,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return y.view(*x.shape[:-1], n), (total.view(x.shape) if total is not None else None)
@@ -280,16 +280,6 @@ def _product_like(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 gemv.register_fake(lambda x, weight, residual=None, out_scale=1.0: _product_like(x, weight))
 
 
-@torch.library.custom_op("phasewatt::gemv_swiglu", mutates_args=())
-def gemv_swiglu(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None, out_scale: float = 1.0) -> torch.Tensor:
-    """out_scale * (silu(gate) * up) @ weight.T (+ residual) for x = [gate | up]."""
-    if x.is_cuda:
-        return triton_gemv(x, weight, swiglu=True, residual=residual, out_scale=out_scale)[0]
-    gate, up = x.chunk(2, dim=-1)
-    return _epilogue(F.linear(F.silu(gate) * up, weight), residual, out_scale)
-
-
-gemv_swiglu.register_fake(lambda x, weight, residual=None, out_scale=1.0: _product_like(x, weight))
 
 
 @torch.library.custom_op("phasewatt::gemv_rmsnorm", mutates_args=())
@@ -382,7 +372,7 @@ def norm_mlp_residual(h, norm: nn.Module, mlp: nn.Module, out_scale: float = 1.0
         act = torch.ops.phasewatt.gemv_rmsnorm(h, None, None, _norm_weight(norm), norm.eps, norm.weight_offset, mlp.gate_up.weight, None, 1.0, True)[0]
         return torch.ops.phasewatt.gemv(act, mlp.down.weight, h, out_scale), None
     gate_up, h = norm_linear(h, None, norm, mlp.gate_up)
-    return swiglu_residual(gate_up, mlp.down, h, out_scale)
+    return h, _epilogue(mlp.down(_glu(gate_up)), None, out_scale)
 
 
 @torch.no_grad()
@@ -404,17 +394,6 @@ def fold_norm_weights(model: nn.Module) -> int:
             norm.folded = True
             folded += 1
     return folded
-
-
-def swiglu_residual(gate_up, lin: "Linear", residual, out_scale: float = 1.0):
-    """The SwiGLU down projection of gate_up = [gate | up] added to the residual stream, as
-    (h, delta): through the kernel, silu(gate) * up is its prologue and the add its epilogue
-    ((residual + y, None)); otherwise (residual, y), so that the add happens where the caller
-    can fuse it with the next norm."""
-    if _fuses(gate_up, lin):
-        return torch.ops.phasewatt.gemv_swiglu(gate_up, lin.weight, residual, out_scale), None
-    gate, up = gate_up.chunk(2, dim=-1)
-    return residual, _epilogue(lin(F.silu(gate) * up), None, out_scale)
 
 
 class Linear(nn.Linear):
