@@ -8,8 +8,12 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from phasewatt.models import linear_ops as ops
+from phasewatt.models.registry import build_model
+from phasewatt.models.spec import ModelSpec
 
 
 def random_inputs(seed: int, batch=2, length=150, heads=3, kdim=16, vdim=24):
@@ -136,6 +140,7 @@ def test_cpu_path_never_imports_fla_or_triton():
         "q = torch.randn(1, 9, 2, 4); g = -torch.rand(1, 9, 2)\n"
         "ops.gated_delta_rule_prefill(q, q, q, g, g.neg(), 0.5)\n"
         "ops.simple_gla_prefill(q, q, q, g, 1.0, 4)\n"
+        "ops.causal_conv1d_step_silu(q[0, 0], torch.zeros(2, 4, 3), torch.ones(4, 4), None)\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fla', 'triton')))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -147,3 +152,91 @@ def test_repeat_heads_serves_consecutive_heads():
     repeated = ops.repeat_heads(x, 2)
     assert repeated.shape == (1, 2, 6, 2)
     assert torch.equal(repeated, x.repeat_interleave(2, dim=-2))
+
+
+CONV_STEP_OP = torch.ops.phasewatt.causal_conv1d_step_silu.default
+
+
+def conv_step_inputs(seed: int, batch=3, channels=10, width=4, bias=True):
+    """x as a column slice of a wider projection (row stride != channels), as the models pass it."""
+    gen = torch.Generator().manual_seed(seed)
+    proj = torch.randn(batch, channels + 9, generator=gen)
+    state = torch.randn(batch, channels, width - 1, generator=gen)
+    weight = torch.randn(channels, width, generator=gen)
+    return proj[:, 5 : 5 + channels], state, weight, torch.randn(channels, generator=gen) if bias else None
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_conv_step_silu_op_on_cpu_is_the_torch_form(bias):
+    x, state, weight, b = conv_step_inputs(7, bias=bias)
+    assert x.stride(0) != x.shape[1]
+    expected_state = state.clone()
+    expected = F.silu(ops.causal_conv1d_step(x, expected_state, weight, b))
+    address = state.data_ptr()
+    out = ops.causal_conv1d_step_silu(x, state, weight, b)
+    assert out.shape == x.shape and out.dtype == x.dtype and out.is_contiguous()
+    assert torch.equal(out, expected)
+    assert state.data_ptr() == address and torch.equal(state, expected_state)
+    assert not torch.equal(state, conv_step_inputs(7, bias=bias)[1])  # it did shift
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_conv_step_silu_op_passes_opcheck(bias):
+    """Schema (conv_state mutated), fake impl and CPU impl agree, also under dynamic shapes."""
+    torch.library.opcheck(CONV_STEP_OP, conv_step_inputs(8, bias=bias))
+
+
+@pytest.mark.parametrize("bad", ["state-channels", "state-batch", "width", "bias", "x-rank"])
+def test_conv_step_silu_refuses_misfit_shapes(bad):
+    x, state, weight, bias = conv_step_inputs(9)
+    if bad == "state-channels":
+        state = state[:, :-1]
+    elif bad == "state-batch":
+        state = state[:-1]
+    elif bad == "width":
+        weight = torch.randn(10, 5)
+    elif bad == "bias":
+        bias = bias[:-1]
+    else:
+        x = x.unsqueeze(1)
+    before = state.clone()
+    with pytest.raises(ValueError, match=r"^causal_conv1d_step_silu: x \(.*\), conv_state \(.*\), weight \(.*\), bias "):
+        ops.causal_conv1d_step_silu(x, state, weight, bias)
+    assert torch.equal(state, before)
+
+
+def test_triton_launcher_refuses_a_state_whose_rows_are_not_contiguous():
+    """Checked before triton is imported or anything is launched (so this runs without triton)."""
+    x, state, weight, bias = conv_step_inputs(10)
+    channel_major = state.transpose(1, 2).contiguous().transpose(1, 2)  # [B, C, W-1] with strides (.., 1, C)
+    with pytest.raises(ValueError, match=r"conv_state strides \(30, 1, 10\); needed rows of contiguous"):
+        ops.triton_conv_step_silu(x, channel_major, weight, bias)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the calls of one op made eagerly inside the `with`."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op, self.calls = op, 0
+
+    def __torch_dispatch__(self, func, arg_types, args=(), kwargs=None):
+        self.calls += func is self.op
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("arch", ["mamba2", "gdn"])
+def test_recurrent_decode_runs_one_conv_step_op_per_layer(arch):
+    """The models' decode goes through the fused op (the Triton kernel on CUDA), once a layer."""
+    shapes = dict(n_layers=3, d_model=32, head_dim=8, conv_size=4, vocab_size=50, d_ff=48)
+    if arch == "mamba2":
+        shapes.update(d_state=8, expand=2, n_groups=1, chunk_size=8)
+    else:
+        shapes.update(n_heads=2, expand_v=2)
+    spec = ModelSpec.from_config(f"tiny-{arch}", dict(arch=arch, **shapes))
+    model = build_model(spec, device="cpu", dtype=torch.float32, seed=3)
+    model.setup_caches(2, 8)
+    model.prefill(torch.tensor([[1, 2, 3], [4, 5, 6]]))
+    with OpCounter(CONV_STEP_OP) as counter:
+        model.decode(torch.tensor([7, 8]), torch.tensor([3]))
+    assert counter.calls == 3

@@ -129,7 +129,7 @@ class GatedDeltaNetMixer(nn.Module):
         """One token from its input projection proj [B, in_proj rows]; returns the core output
         gated and normed per head [B, value_dim], before out_proj."""
         qkv, z, beta, g = self._split(proj)
-        qkv = F.silu(linear_ops.causal_conv1d_step(qkv, conv_state, self.conv_weight))
+        qkv = linear_ops.causal_conv1d_step_silu(qkv, conv_state, self.conv_weight)
         q, k, v = self._heads(qkv)
         core = linear_ops.gated_delta_step(
             ssm_state, linear_ops.l2_normalize(q), linear_ops.l2_normalize(k), v, g, beta, self.scale

@@ -5,7 +5,9 @@ short causal convolutions, in three forms:
   against. Within a chunk everything is matrix products; only the state is carried from one
   chunk to the next, so the Python loop runs T / chunk_size times.
 - one step, pure torch, updating a fixed-shape state buffer in place: the decode path, free of
-  host syncs and data-dependent shapes so that a CUDA graph can capture it.
+  host syncs and data-dependent shapes so that a CUDA graph can capture it. On CUDA, Mamba2's
+  SSD step and the conv step + SiLU run as Triton kernels of this module instead, each wrapped
+  in a custom op so that torch.compile and CUDA graphs take it whole.
 - fla-core's Triton kernels: the prefill path on CUDA. fla is imported only when the tensors
   are on a CUDA device, so the CPU path never touches triton.
 
@@ -65,6 +67,115 @@ def causal_conv1d_step(
         out = out + bias
     conv_state.copy_(window[:, :, 1:])
     return out
+
+
+CONV_STEP_BLOCK_C = 128  # channels per program: at B = 1, C = 5376 still 42 programs to spread over the SMs
+
+
+def causal_conv1d_step_silu(
+    x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """SiLU(one token of the causal convolution): x [B, C] (rows may be strided, e.g. a column
+    slice of the input projection); conv_state [B, C, W-1] is shifted in place; weight [C, W];
+    bias [C] or None. Returns a fresh [B, C] in x's dtype. On CUDA one Triton kernel (inductor
+    made about five kernels of the torch form: cat, sum, two copies for the shift, the SiLU);
+    elsewhere the torch form."""
+    return torch.ops.phasewatt.causal_conv1d_step_silu(x, conv_state, weight, bias)
+
+
+def _check_conv_step_shapes(x, conv_state, weight, bias) -> None:
+    """One line naming every tensor's shape when they do not fit together."""
+    fits = x.dim() == 2 and conv_state.dim() == 3 and weight.dim() == 2
+    if fits:
+        batch, channels = x.shape
+        fits = (
+            tuple(conv_state.shape) == (batch, channels, weight.shape[1] - 1)
+            and weight.shape[0] == channels
+            and (bias is None or tuple(bias.shape) == (channels,))
+        )
+    if not fits:
+        got = f"x {tuple(x.shape)}, conv_state {tuple(conv_state.shape)}, weight {tuple(weight.shape)}, bias " + (
+            "None" if bias is None else str(tuple(bias.shape))
+        )
+        raise ValueError(
+            f"causal_conv1d_step_silu: {got} do not fit; needed x [B, C], conv_state [B, C, W-1], weight [C, W], bias [C] or None"
+        )
+
+
+@torch.library.custom_op("phasewatt::causal_conv1d_step_silu", mutates_args=("conv_state",))
+def _causal_conv1d_step_silu_op(
+    x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    if x.is_cuda:
+        return triton_conv_step_silu(x, conv_state, weight, bias)
+    _check_conv_step_shapes(x, conv_state, weight, bias)
+    return F.silu(causal_conv1d_step(x, conv_state, weight, bias)).to(x.dtype)
+
+
+@_causal_conv1d_step_silu_op.register_fake
+def _(x, conv_state, weight, bias):
+    _check_conv_step_shapes(x, conv_state, weight, bias)
+    return x.new_empty(x.shape)
+
+
+def triton_conv_step_silu(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """causal_conv1d_step_silu through the Triton kernel, on any device Triton runs on (CUDA;
+    CPU tensors under TRITON_INTERPRET=1). conv_state's rows must be contiguous [C, W-1]: the
+    kernel addresses a channel's window as W-1 consecutive elements."""
+    _check_conv_step_shapes(x, conv_state, weight, bias)
+    batch, channels = x.shape
+    width = weight.shape[1]
+    if (width > 2 and conv_state.stride(2) != 1) or (width > 1 and channels > 1 and conv_state.stride(1) != width - 1):
+        raise ValueError(
+            f"causal_conv1d_step_silu: conv_state strides {tuple(conv_state.stride())}; needed rows of contiguous "
+            f"[C, W-1] = [{channels}, {width - 1}] (strides (any, {width - 1}, 1))"
+        )
+    out = torch.empty(batch, channels, device=x.device, dtype=x.dtype)
+    if out.numel() == 0:
+        return out
+    _conv_step_kernel()[(batch, -(-channels // CONV_STEP_BLOCK_C))](
+        x, conv_state, weight, weight if bias is None else bias, out,
+        channels, x.stride(0), x.stride(1), conv_state.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
+        WIDTH=width, W_PAD=1 << (width - 1).bit_length(), BLOCK_C=CONV_STEP_BLOCK_C, HAS_BIAS=bias is not None,
+        num_warps=4,
+    )
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _conv_step_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def conv_step_kernel(
+        x_ptr, state_ptr, weight_ptr, bias_ptr, out_ptr,
+        channels, stride_x, stride_x_c, stride_state, stride_w, stride_w_tap, stride_out,
+        WIDTH: tl.constexpr, W_PAD: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ):
+        # Window column j < WIDTH-1 is state column j, column WIDTH-1 is x; the new state
+        # column j is window column j+1, so the window is stored one column to the left.
+        seq = tl.program_id(0)
+        rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        rw = tl.arange(0, W_PAD)
+        in_c = rc[:, None] < channels
+        s_ptrs = state_ptr + seq * stride_state + rc[:, None] * (WIDTH - 1) + rw[None, :]
+        old = tl.load(s_ptrs, mask=in_c & (rw[None, :] < WIDTH - 1), other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + seq * stride_x + rc * stride_x_c, mask=rc < channels, other=0.0).to(tl.float32)
+        w_ptrs = weight_ptr + rc[:, None] * stride_w + rw[None, :] * stride_w_tap
+        w = tl.load(w_ptrs, mask=in_c & (rw[None, :] < WIDTH), other=0.0)
+        window = tl.where(rw[None, :] == WIDTH - 1, x[:, None], old)
+        conv = tl.sum(window * w.to(tl.float32), axis=1)
+        if HAS_BIAS:
+            conv += tl.load(bias_ptr + rc, mask=rc < channels, other=0.0).to(tl.float32)
+        # Threads store state elements other threads of this program loaded: all loads first.
+        tl.debug_barrier()
+        shift_mask = in_c & (rw[None, :] >= 1) & (rw[None, :] < WIDTH)
+        tl.store(s_ptrs - 1, window.to(state_ptr.dtype.element_ty), mask=shift_mask)
+        out = conv * tl.sigmoid(conv)
+        tl.store(out_ptr + seq * stride_out + rc, out.to(out_ptr.dtype.element_ty), mask=rc < channels)
+
+    return conv_step_kernel
 
 
 # ----- helpers of the chunked forms ---------------------------------------------------------

@@ -120,7 +120,7 @@ class Mamba2Mixer(nn.Module):
         """One token from its input projection proj [B, in_proj rows]; returns the SSM output
         y + D x [B, d_inner] (float32) and the gate z, for the gated norm and out_proj."""
         z, xbc, dt_raw = proj.split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
-        xbc = F.silu(linear_ops.causal_conv1d_step(xbc, conv_state, self.conv_weight, self.conv_bias))
+        xbc = linear_ops.causal_conv1d_step_silu(xbc, conv_state, self.conv_weight, self.conv_bias)
         x, b, c = xbc.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
         y = linear_ops.mamba2_ssd_step(
             ssm_state, x, b, c, dt_raw, self.dt_bias, self.A_log, self.D, self.time_step_limit, self.n_heads // self.n_groups
