@@ -266,6 +266,15 @@ def main(argv=None) -> int:
                 f"rows {rows} {variant:>6} {n:>6} x {k:>5}: floor {floor_s * 1e6:7.1f} us  cublas (plain) {floor_s / cublas:5.0%}"
                 f"  best triton {floor_s / best_s:5.0%}", flush=True,
             )
+            # Written after every shape: a run cut by a time limit keeps what it tuned.
+            _write_tables(args, out_dir, device_name, bandwidth, table)
+            _write_reports(out_dir, results, products, device_name, bandwidth)
+    if results:
+        print((out_dir / "gemv_sweep.md").read_text())
+    return 0
+
+
+def _write_tables(args, out_dir: Path, device_name: str, bandwidth: float, table: dict) -> None:
     payload = {
         "device": device_name, "torch": torch.__version__, "triton": _triton_version(),
         "copy_tb_s": round(bandwidth / 1e12, 3), "made_by": "benchmarks/gemv_sweep.py", "configs": table,
@@ -276,8 +285,6 @@ def main(argv=None) -> int:
     for path in targets:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, merged_table(path, payload))
-    _write_reports(out_dir, results, products, device_name, bandwidth)
-    return 0
 
 
 def merged_table(path: Path, payload: dict) -> dict:
@@ -338,7 +345,6 @@ def _write_reports(out_dir: Path, results: list[dict], products, device_name: st
     lines += [f"- {r.kind} {r.rows} {r.N}x{r.K} {r.BLOCK_N}x{r.BLOCK_K} w{r.num_warps} s{r.num_stages}: {r.status}" for r in failed.head(20).itertuples()]
     text = "\n".join(lines) + "\n"
     write_text(out_dir / "gemv_sweep.md", text)
-    print(text)
 
 
 if __name__ == "__main__":
