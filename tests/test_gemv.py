@@ -107,17 +107,19 @@ def test_traced_decode_uses_the_op_only_within_max_rows(arch, tied, fresh_dynamo
     assert traced_decode(model, 1) == (0, products)
 
 
-def test_tied_recurrent_head_follows_the_model_attribute(fresh_dynamo):
-    """A tied mamba2 head has no Linear module: it reads model.gemv_max_rows, which use_gemv sets."""
-    model = tiny_model("mamba2", tied=True)
-    assert model.lm_head is None
-    h = torch.randn(1, TINY["mamba2"]["d_model"])
-    assert gemv.use_gemv(model, 1) == DECODE_PRODUCTS_PER_LAYER["mamba2"] * LAYERS  # the head is not a Linear
-    assert model.gemv_max_rows == 1
+@pytest.mark.parametrize("arch", RECURRENT)
+def test_tied_recurrent_head_is_a_linear_sharing_the_embedding(arch, fresh_dynamo):
+    """A tied head shares the embedding's storage (no second matrix) and, as every Linear,
+    takes the final norm as the kernel's prologue at batch 1 (one op, no separate norm)."""
+    model = tiny_model(arch, tied=True)
+    assert model.lm_head.weight is model.embed.weight
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in tiny_model(arch, tied=False).parameters()) - model.embed.weight.numel()
+    h = torch.randn(1, TINY[arch]["d_model"])
+    gemv.use_gemv(model, 1)
     targets = traced_targets(model.logits, h)
-    assert sum(t in GEMV_TARGETS for t in targets) == 1
+    assert sum(t in (torch.ops.phasewatt.gemv_rmsnorm, torch.ops.phasewatt.gemv_rmsnorm.default) for t in targets) == 1
+    assert gemv.fold_norm_weights(model) == FOLDS_PER_LAYER[arch] * LAYERS  # the final norm stays: the embedding reads the weight too
     gemv.use_gemv(model, 0)
-    assert model.gemv_max_rows == 0
     targets = traced_targets(model.logits, h)
     assert sum(t in GEMV_TARGETS for t in targets) == 0 and sum(t is F.linear for t in targets) == 1
 
@@ -193,23 +195,22 @@ def test_op_schema_and_fake_shapes():
 
 # ----- use_gemv ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch,tied,linears", [
-    ("gqa", True, 4 * LAYERS + 1),  # the tied LMHead is still a Linear (sharing the embedding)
+    ("gqa", True, 4 * LAYERS + 1),  # a tied head is still a Linear (sharing the embedding)
     ("mla", False, 5 * LAYERS + 1),  # kv_b_proj is a plain nn.Linear
     ("gdn", False, 4 * LAYERS + 1),
-    ("gdn", True, 4 * LAYERS),
-    ("mamba2", True, 2 * LAYERS),
+    ("gdn", True, 4 * LAYERS + 1),
+    ("mamba2", True, 2 * LAYERS + 1),
 ])
 def test_use_gemv_sets_every_linear(arch, tied, linears):
     model = tiny_model(arch, tied)
     assert gemv.use_gemv(model, 3) == linears
     ours = [m for m in model.modules() if isinstance(m, gemv.Linear)]
     assert len(ours) == linears and all(m.gemv_max_rows == 3 for m in ours)
-    assert model.gemv_max_rows == 3
     plain = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and not isinstance(m, gemv.Linear)]
     assert all(not hasattr(m, "gemv_max_rows") for m in plain)
     assert gemv.use_gemv(model, gemv.MAX_ROWS) == linears
     assert gemv.use_gemv(model, 0) == linears
-    assert all(m.gemv_max_rows == 0 for m in ours) and model.gemv_max_rows == 0
+    assert all(m.gemv_max_rows == 0 for m in ours)
 
 
 @pytest.mark.parametrize("max_rows", [-1, gemv.MAX_ROWS + 1, 100])
@@ -218,7 +219,6 @@ def test_use_gemv_rejects_rows_outside_range(max_rows):
     gemv.use_gemv(model, 2)
     with pytest.raises(ValueError, match=f"0..{gemv.MAX_ROWS}"):
         gemv.use_gemv(model, max_rows)
-    assert model.gemv_max_rows == 2
     assert all(m.gemv_max_rows == 2 for m in model.modules() if isinstance(m, gemv.Linear))
 
 

@@ -32,6 +32,17 @@ ALL_DECODE_ATTENTION = DECODE_ATTENTION + ("fused",)
 PREFILL_CHUNK_TOKENS = 32768
 
 
+def lm_head_linear(d_model: int, vocab_size: int, tied_weight: nn.Parameter | None, device, dtype) -> Linear:
+    """The output projection: a matrix of its own, or a Linear sharing the embedding's weight
+    (built on the meta device, so the tied case allocates no second matrix); either way its
+    decode products go through the GEMV kernel like every other Linear's."""
+    if tied_weight is None:
+        return Linear(d_model, vocab_size, bias=False, device=device, dtype=dtype)
+    lm_head = Linear(d_model, vocab_size, bias=False, device="meta", dtype=dtype)
+    lm_head.weight = tied_weight
+    return lm_head
+
+
 class LMHead(nn.Module):
     """Final norm and output projection; `weight` is shared with the embedding when tied."""
 
@@ -39,11 +50,7 @@ class LMHead(nn.Module):
         super().__init__()
         self.norm = RMSNorm(d_model, eps, device=device, dtype=dtype)
         self.tied = weight is not None
-        if weight is None:
-            self.lm_head = Linear(d_model, vocab_size, bias=False, device=device, dtype=dtype)
-        else:  # built on the meta device, so the tied case allocates no second matrix
-            self.lm_head = Linear(d_model, vocab_size, bias=False, device="meta", dtype=dtype)
-            self.lm_head.weight = weight
+        self.lm_head = lm_head_linear(d_model, vocab_size, weight, device, dtype)
         self.logit_divisor = logit_divisor
 
     def norm_folds(self):

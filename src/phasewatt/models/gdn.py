@@ -227,7 +227,7 @@ class GatedDeltaNetModel(RecurrentModel):
         for i, layer in enumerate(self.layers):
             layer.load_hf(tensors, f"model.layers.{i}.")
         tensors.copy_into(self.final_norm.weight, "model.norm.weight")
-        if self.lm_head is not None:
+        if not self.spec.tied_embeddings:
             tensors.copy_into(self.lm_head.weight, "lm_head.weight")
         elif tensors.has("lm_head.weight"):
             tensors.take("lm_head.weight")

@@ -408,8 +408,8 @@ class Linear(nn.Linear):
 
 
 def use_gemv(model: nn.Module, max_rows: int, fuse: bool = True) -> int:
-    """Route the products of every Linear of `model` (and a model's own tied-head products,
-    via its gemv_max_rows attribute) with at most max_rows rows through the kernel; 0 turns
+    """Route the products of every Linear of `model` (tied output projections are Linears
+    sharing the embedding's weight) with at most max_rows rows through the kernel; 0 turns
     it off. fuse: the norms, SiLU*up and residual adds around them as the kernel's prologue
     and epilogue (else inductor fuses them into kernels of their own). Returns how many
     layers it set."""
@@ -421,5 +421,4 @@ def use_gemv(model: nn.Module, max_rows: int, fuse: bool = True) -> int:
             module.gemv_max_rows = max_rows
             module.gemv_fuse = fuse
             count += 1
-    model.gemv_max_rows = max_rows
     return count

@@ -193,7 +193,7 @@ class Mamba2Model(RecurrentModel):
             tensors.copy_into(layer.norm.weight, f"backbone.layers.{i}.norm.weight")
             layer.mixer.load_hf(tensors, f"backbone.layers.{i}.mixer.")
         tensors.copy_into(self.final_norm.weight, "backbone.norm_f.weight")
-        if self.lm_head is not None:
+        if not self.spec.tied_embeddings:
             tensors.copy_into(self.lm_head.weight, "lm_head.weight")
         elif tensors.has("lm_head.weight"):
             tensors.take("lm_head.weight")

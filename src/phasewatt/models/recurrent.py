@@ -13,22 +13,18 @@ import torch
 from torch import nn
 
 from phasewatt.models import linear_ops
-from phasewatt.models.decoder import PREFILL_CHUNK_TOKENS
-from phasewatt.models.gemv import Linear, linear, norm_linear
+from phasewatt.models.decoder import PREFILL_CHUNK_TOKENS, lm_head_linear
+from phasewatt.models.gemv import norm_linear
 
 
 class RecurrentModel(nn.Module):
-    gemv_max_rows = 0  # the tied head's products through the GEMV kernel (gemv.use_gemv)
-
     def __init__(self, spec, blocks: list[nn.Module], final_norm: nn.Module, device, dtype):
         super().__init__()
         self.spec = spec
         self.embed = nn.Embedding(spec.vocab_size, spec.d_model, device=device, dtype=dtype)
         self.layers = nn.ModuleList(blocks)
         self.final_norm = final_norm
-        self.lm_head = None
-        if not spec.tied_embeddings:
-            self.lm_head = Linear(spec.d_model, spec.vocab_size, bias=False, device=device, dtype=dtype)
+        self.lm_head = lm_head_linear(spec.d_model, spec.vocab_size, self.embed.weight if spec.tied_embeddings else None, device, dtype)
         self.states: list[tuple[torch.Tensor, ...]] = []
         self.cache_batch = 0
 
@@ -67,12 +63,10 @@ class RecurrentModel(nn.Module):
 
     def norm_folds(self):
         """The final norm folds into an untied lm_head (a tied one is the embedding too)."""
-        return [(self.final_norm, [self.lm_head])] if self.lm_head is not None else []
+        return [] if self.spec.tied_embeddings else [(self.final_norm, [self.lm_head])]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        if self.lm_head is not None:
-            return norm_linear(h, None, self.final_norm, self.lm_head)[0]
-        return linear(self.final_norm(h), self.embed.weight, gemv_max_rows=self.gemv_max_rows)
+        return norm_linear(h, None, self.final_norm, self.lm_head)[0]
 
     @torch.no_grad()
     def prefill(self, tokens: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
