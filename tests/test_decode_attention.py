@@ -74,13 +74,18 @@ def test_cache_slices_cover_the_cache_and_fill_the_gpu(batch, kv_heads, cache_le
     assert slices == 1 or batch * kv_heads * (slices - 1) < 2 * da.PROGRAMS_PER_SM * sm_count
 
 
-def test_triton_path_refuses_caches_it_cannot_read():
-    args = list(inputs(3))
+def test_triton_path_refuses_inputs_it_cannot_read():
+    """Checked before any launch (so on CPU too): layouts, shapes, head_dim and dtype."""
+    qkv, k_cache, v_cache, pos, cos, sin, q_norm, k_norm, *rest = inputs(3)
+    half = [qkv.bfloat16(), k_cache.bfloat16(), v_cache.bfloat16(), pos, cos, sin, q_norm.bfloat16(), k_norm.bfloat16(), *rest]
+    args = list(half)
     args[1] = args[1].transpose(2, 3).contiguous().transpose(2, 3)  # head_dim not the inner axis
-    with pytest.raises(ValueError, match="contiguous layout"):
+    with pytest.raises(ValueError, match="one layout"):
         da.triton_attend(*args, sm_count=1)
     with pytest.raises(ValueError, match="does not fit"):
-        da.triton_attend(inputs(3)[0][:, :-1], *inputs(3)[1:], sm_count=1)
+        da.triton_attend(half[0][:, :-1], *half[1:], sm_count=1)
+    with pytest.raises(ValueError, match="head_dim 16 in torch.float32"):
+        da.triton_attend(*inputs(3), sm_count=1)
 
 
 def test_fused_is_refused_for_models_without_it_before_any_work():
@@ -90,3 +95,31 @@ def test_fused_is_refused_for_models_without_it_before_any_work():
     ))
     with pytest.raises(ConfigError, match=r"engine_options.decode_attention: 'fused' for the mla model; allowed: auto, sdpa, matmul"):
         NativeEngine(spec=spec, batch=1, prompt_len=4, decode_tokens=2, device="cpu", options={"decode_attention": "fused"})
+
+
+@pytest.mark.parametrize("head_dim,dtype,device_type,ok", [
+    (128, torch.bfloat16, "cuda", True), (64, torch.float16, "cuda", True), (16, torch.bfloat16, "cuda", True),
+    (96, torch.bfloat16, "cuda", False), (8, torch.bfloat16, "cuda", False), (128, torch.float32, "cuda", False),
+    (96, torch.float32, "cpu", True),  # on CPU the op is the torch form
+])
+def test_fused_supported(head_dim, dtype, device_type, ok):
+    assert da.fused_supported(head_dim, dtype, device_type) is ok
+
+
+def test_the_engine_refuses_fused_where_the_kernels_do_not_fit(monkeypatch):
+    """On CUDA a float32 model or a head_dim the kernels cannot take: one line at engine
+    construction (no GPU is touched: the check needs only the spec and the dtype); auto then
+    means matmul for such a model."""
+    from phasewatt.models.gqa import GQAModel
+
+    spec = ModelSpec.from_config("tiny-gqa", dict(arch="gqa", n_layers=1, d_model=96, n_heads=2, n_kv_heads=1, head_dim=48,
+                                                  d_ff=64, vocab_size=64, dtype="float32"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match=r"'fused' needs a power-of-two head_dim >= 16 .*head_dim 48"):
+        NativeEngine(spec=spec, batch=1, prompt_len=4, decode_tokens=2, options={"decode_attention": "fused"})
+    model = GQAModel(spec)
+    assert model.cuda_decode_attention == "fused"  # on CPU the op takes any model
+    monkeypatch.setattr(GQAModel, "device", property(lambda self: torch.device("cuda")))
+    assert model.cuda_decode_attention == "matmul"
+    with pytest.raises(ConfigError, match="allowed: sdpa, matmul"):
+        model.set_decode_attention("fused")

@@ -62,7 +62,7 @@ class OpCalls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
     def count(self, op) -> int:
-        """Calls of op; for GEMV_OP, of any of the kernel's three ops."""
+        """Calls of op; for GEMV_OP, of either of the kernel's two ops."""
         ops = GEMV_TARGETS if op is GEMV_OP else (op,)
         return sum(1 for f in self.ops if f in ops)
 

@@ -20,6 +20,7 @@ import time
 from contextlib import nullcontext
 
 from phasewatt.errors import ConfigError
+from phasewatt.models.decode_attention import fused_supported
 from phasewatt.models.decoder import ALL_DECODE_ATTENTION
 from phasewatt.models.gemv import AUTO_ROWS as GEMV_AUTO_ROWS, MAX_ROWS as GEMV_MAX_ROWS, fold_norm_weights, use_gemv
 from phasewatt.models.loader import load_checkpoint
@@ -88,10 +89,10 @@ class NativeEngine:
             raise ConfigError("native engine: batch, prompt length and decode tokens must each be >= 1")
         self.seed, self.checkpoint = int(seed), checkpoint
         self.options = resolve_options(options)
-        self._check_decode_attention()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.on_cuda = self.device.type == "cuda"
         self.dtype = getattr(torch, spec.dtype) if self.on_cuda else torch.float32
+        self._check_decode_attention()
         self.use_graph = self.on_cuda and self.options["cuda_graph"]
         self.compile_how = self._compile_how()
         self.compile_prefill = self.on_cuda and (
@@ -122,10 +123,15 @@ class NativeEngine:
         kind = self.options["decode_attention"]
         if kind == "auto":
             return
-        offered = getattr(model_class(self.spec.arch), "decode_attentions", ())
+        offered = tuple(getattr(model_class(self.spec.arch), "decode_attentions", ()))
+        allowed = ", ".join(("auto",) + offered)
         if kind not in offered:
-            allowed = ", ".join(("auto",) + tuple(offered))
             raise ConfigError(f"engine_options.decode_attention: {kind!r} for the {self.spec.arch} model; allowed: {allowed}")
+        if kind == "fused" and not fused_supported(self.spec.head_dim, self.dtype, self.device.type):
+            raise ConfigError(
+                f"engine_options.decode_attention: 'fused' needs a power-of-two head_dim >= 16 in bfloat16/float16 on CUDA "
+                f"(models.{self.spec.name}: head_dim {self.spec.head_dim}, {self.dtype}); allowed: auto, sdpa, matmul"
+            )
 
     def setup(self) -> dict:
         """Build, fill the caches once, compile and capture; seconds spent in each."""

@@ -31,6 +31,15 @@ BLOCK_POSITIONS = 64
 PROGRAMS_PER_SM = 2
 
 
+def fused_supported(head_dim: int, dtype: torch.dtype, device_type: str = "cuda") -> bool:
+    """Whether the op takes this model: on CUDA its kernels' tensor-core products need a
+    power-of-two head_dim of at least 16 and half-precision inputs (float32 ones would run as
+    TF32, less exact than the torch form); elsewhere it is the torch form, which takes any."""
+    if device_type != "cuda":
+        return True
+    return head_dim >= 16 and not head_dim & (head_dim - 1) and dtype in (torch.bfloat16, torch.float16)
+
+
 def split_qkv(qkv: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int):
     """qkv [..., (H + 2 H_kv) D] -> q [..., H, D], k and v [..., H_kv, D] (views)."""
     q, k, v = qkv.split([n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim], dim=-1)
@@ -105,8 +114,10 @@ def triton_attend(qkv, k_cache, v_cache, input_pos, cos, sin, q_norm_weight, k_n
     group = n_heads // n_kv_heads
     if qkv.shape != (batch, (n_heads + 2 * n_kv_heads) * head_dim):
         raise ValueError(f"gqa_decode_attention: qkv {tuple(qkv.shape)} does not fit caches {tuple(k_cache.shape)} and {n_heads} heads")
-    if head_dim & (head_dim - 1) or k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride():
-        raise ValueError("gqa_decode_attention: needs a power-of-two head_dim and K/V caches of one contiguous layout")
+    if not fused_supported(head_dim, qkv.dtype):
+        raise ValueError(f"gqa_decode_attention: head_dim {head_dim} in {qkv.dtype}; the kernels need a power of two >= 16 in bf16/fp16")
+    if k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride() or cos.stride(-1) != 1 or sin.stride() != cos.stride():
+        raise ValueError("gqa_decode_attention: needs K/V caches of one layout and cos/sin tables of one layout, unit-stride rows")
     if sm_count is None:
         sm_count = _sm_count(qkv.device.index if qkv.device.index is not None else torch.cuda.current_device())
     slices, slice_len = cache_slices(batch, n_kv_heads, cache_len, sm_count)

@@ -8,7 +8,8 @@ is a Triton kernel for y = x W^T with few rows of x: each program streams BLOCK_
 of W in BLOCK_K-wide tiles and keeps the products in float32 registers until the end. What
 surrounds a product in a layer rides on it: an RMSNorm of x before it (+ delta, the residual
 add, whose sum it writes once; optionally gated by SiLU(z); the norm's weight folded into W
-at batch 1, fold_norm_weights, so no weight is loaded per tile), and after it a scale, a
+where the engine sends the decode products here, fold_norm_weights, so no weight is loaded
+per tile), and after it a scale, a
 residual add, or SiLU(gate) * up of a [gate; up] weight's two products (the MLP's gate_up,
 whose down product is then a plain one). Block sizes per (variant, rows, N, K) come from a
 table measured on each GPU model by benchmarks/gemv_sweep.py (gemv_configs/<GPU name>.json),
@@ -280,8 +281,6 @@ def _product_like(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 gemv.register_fake(lambda x, weight, residual=None, out_scale=1.0: _product_like(x, weight))
 
 
-
-
 @torch.library.custom_op("phasewatt::gemv_rmsnorm", mutates_args=())
 def gemv_rmsnorm(
     x: torch.Tensor, delta: torch.Tensor | None, gate: torch.Tensor | None, norm_weight: torch.Tensor | None, eps: float,
@@ -412,7 +411,7 @@ def use_gemv(model: nn.Module, max_rows: int, fuse: bool = True) -> int:
     sharing the embedding's weight) with at most max_rows rows through the kernel; 0 turns
     it off. fuse: the norms, SiLU*up and residual adds around them as the kernel's prologue
     and epilogue (else inductor fuses them into kernels of their own). Returns how many
-    layers it set."""
+    Linears it set."""
     if not 0 <= max_rows <= MAX_ROWS:
         raise ValueError(f"gemv max_rows {max_rows}; allowed: 0..{MAX_ROWS}")
     count = 0

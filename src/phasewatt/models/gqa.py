@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from phasewatt.errors import ConfigError
-from phasewatt.models.decode_attention import attend_torch, norm_rope_qk, split_qkv
+from phasewatt.models.decode_attention import attend_torch, fused_supported, norm_rope_qk, split_qkv
 from phasewatt.models.decoder import DECODE_ATTENTION, DecoderModel
 from phasewatt.models.gemv import Linear, norm_linear, norm_mlp_residual, residual_linear
 from phasewatt.models.layers import RMSNorm, SwiGLU
@@ -53,7 +53,8 @@ class GQALayer(nn.Module):
     def forward(self, h, delta, input_pos, cos, sin, mask, cache):
         """Decode step: h [B, d] and the previous layer's delta (or None); returns the new
         (h, delta). The residual adds and norms ride on the projections (gemv.norm_linear),
-        everything between the qkv and o products on the attention (decode_attention)."""
+        everything between the qkv and o products on the attention (decode_attention, which
+        masks by input_pos itself: `mask` is the decoders' shared argument, used by MLA)."""
         qkv, h = norm_linear(h, delta, self.attn_norm, self.qkv)
         args = (qkv, *cache, input_pos, cos, sin, *self._qk_norm_weights(), self.attn_norm.eps, self.n_heads, self.head_dim**-0.5)
         if self.decode_attention == "fused":
@@ -89,7 +90,19 @@ class GQAModel(DecoderModel):
     # split over the GPU in two kernels, where compiled matmuls took six per layer). Of the
     # other two, SDPA's kernel for a masked decode query gives one thread block per KV head at
     # batch 1 and slows down with the cache (H200: 3.62 ms matmul vs 3.86 sdpa at 512).
-    cuda_decode_attention = "fused"
+
+    @property
+    def cuda_decode_attention(self) -> str:
+        """fused where the kernels take the model (decode_attention.fused_supported), else matmul."""
+        return "fused" if fused_supported(self.spec.head_dim, self.dtype, self.device.type) else "matmul"
+
+    def set_decode_attention(self, kind: str) -> None:
+        if kind == "fused" and not fused_supported(self.spec.head_dim, self.dtype, self.device.type):
+            raise ConfigError(
+                f"decode_attention: 'fused' needs a power-of-two head_dim >= 16 in bfloat16/float16 "
+                f"(models.{self.spec.name}: head_dim {self.spec.head_dim}, {self.dtype}); allowed: sdpa, matmul"
+            )
+        super().set_decode_attention(kind)
 
     def __init__(self, spec, device="cpu", dtype=torch.float32):
         if spec.n_heads % spec.n_kv_heads:
