@@ -52,6 +52,7 @@ import yaml
 from phasewatt.config import exit_on_error, select_model_specs
 from phasewatt.engines.native import NativeEngine
 from phasewatt.io import write_text
+from phasewatt.models.decoder import ALL_DECODE_ATTENTION
 from phasewatt.models.registry import MODEL_CLASSES, model_class
 from phasewatt.models.spec import ModelSpec
 
@@ -118,8 +119,8 @@ def names(text: str) -> list[str]:
 def variant_options(variant: str) -> dict:
     """Engine options of a variant name such as compile+matmul."""
     base, _, attention = variant.partition("+")
-    if base not in VARIANTS or attention not in ("", "sdpa", "matmul", "fused"):
-        raise SystemExit(f"variant {variant!r}: allowed {', '.join(VARIANTS)}, optionally +sdpa, +matmul or +fused")
+    if base not in VARIANTS or attention not in ("",) + ALL_DECODE_ATTENTION:
+        raise SystemExit(f"variant {variant!r}: allowed {', '.join(VARIANTS)}, optionally +" + ", +".join(ALL_DECODE_ATTENTION))
     options = dict(VARIANTS[base])
     if attention:
         options["decode_attention"] = attention

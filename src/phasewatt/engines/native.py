@@ -20,7 +20,7 @@ import time
 from contextlib import nullcontext
 
 from phasewatt.errors import ConfigError
-from phasewatt.models.decode_attention import fused_supported
+from phasewatt.models.decode_attention import fused_unsupported
 from phasewatt.models.decoder import ALL_DECODE_ATTENTION
 from phasewatt.models.gemv import AUTO_ROWS as GEMV_AUTO_ROWS, MAX_ROWS as GEMV_MAX_ROWS, fold_norm_weights, use_gemv
 from phasewatt.models.loader import load_checkpoint
@@ -127,11 +127,9 @@ class NativeEngine:
         allowed = ", ".join(("auto",) + offered)
         if kind not in offered:
             raise ConfigError(f"engine_options.decode_attention: {kind!r} for the {self.spec.arch} model; allowed: {allowed}")
-        if kind == "fused" and not fused_supported(self.spec.head_dim, self.dtype, self.device.type):
-            raise ConfigError(
-                f"engine_options.decode_attention: 'fused' needs a power-of-two head_dim >= 16 in bfloat16/float16 on CUDA "
-                f"(models.{self.spec.name}: head_dim {self.spec.head_dim}, {self.dtype}); allowed: auto, sdpa, matmul"
-            )
+        why = fused_unsupported(self.spec.name, self.spec.head_dim, self.dtype, self.device.type) if kind == "fused" else None
+        if why:
+            raise ConfigError(f"engine_options.decode_attention: {why}; allowed: auto, sdpa, matmul")
 
     def setup(self) -> dict:
         """Build, fill the caches once, compile and capture; seconds spent in each."""

@@ -23,7 +23,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from phasewatt.models.layers import apply_rope, rms_norm
+from phasewatt.models.layers import apply_rope, decode_mask, rms_norm
 
 # Cache positions per inner step of kernel 1 (cache lengths are multiples of 64: decoder.py).
 BLOCK_POSITIONS = 64
@@ -40,6 +40,13 @@ def fused_supported(head_dim: int, dtype: torch.dtype, device_type: str = "cuda"
     return head_dim >= 16 and not head_dim & (head_dim - 1) and dtype in (torch.bfloat16, torch.float16)
 
 
+def fused_unsupported(name: str, head_dim: int, dtype: torch.dtype, device_type: str) -> str | None:
+    """Why the op cannot take this model (the start of a one-line error), or None."""
+    if fused_supported(head_dim, dtype, device_type):
+        return None
+    return f"'fused' needs a power-of-two head_dim >= 16 in bfloat16/float16 on CUDA (models.{name}: head_dim {head_dim}, {dtype})"
+
+
 def split_qkv(qkv: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int):
     """qkv [..., (H + 2 H_kv) D] -> q [..., H, D], k and v [..., H_kv, D] (views)."""
     q, k, v = qkv.split([n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim], dim=-1)
@@ -54,19 +61,20 @@ def norm_rope_qk(q, k, cos, sin, q_norm_weight, k_norm_weight, eps: float):
 
 
 def attend_torch(qkv, k_cache, v_cache, input_pos, cos, sin, q_norm_weight, k_norm_weight, eps: float, n_heads: int,
-                 scale: float, kind: str = "matmul") -> torch.Tensor:
+                 scale: float, kind: str = "matmul", mask: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step in torch: qkv [B, (H + 2 H_kv) D]; caches [B, H_kv, L, D] (written at
     input_pos [1]); cos, sin [L, D]. Returns [B, H * D]. The query heads of a KV group are
     folded into the query-length axis, so each cached head is read once (kind "sdpa": one SDPA
-    call; "matmul": two batched products around a float32 softmax)."""
+    call; "matmul": two batched products around a float32 softmax). mask: the step's
+    layers.decode_mask, when the caller has it; else made here."""
     b, n_kv_heads, cache_len, head_dim = k_cache.shape
     q, k, v = split_qkv(qkv.unsqueeze(1), n_heads, n_kv_heads, head_dim)
     q, k = norm_rope_qk(q, k, cos[input_pos], sin[input_pos], q_norm_weight, k_norm_weight, eps)
     k_cache[:, :, input_pos] = k.transpose(1, 2)
     v_cache[:, :, input_pos] = v.transpose(1, 2)
     q = q.view(b, n_kv_heads, n_heads // n_kv_heads, head_dim)
-    positions = torch.arange(cache_len, device=qkv.device)
-    mask = torch.where(positions <= input_pos, 0.0, float("-inf")).to(q.dtype)
+    if mask is None:
+        mask = decode_mask(torch.arange(cache_len, device=qkv.device), input_pos, q.dtype)
     if kind == "sdpa":
         out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask.view(1, 1, 1, -1), scale=scale)
     else:

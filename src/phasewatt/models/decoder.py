@@ -14,7 +14,7 @@ from torch import nn
 
 from phasewatt.errors import ConfigError
 from phasewatt.models.gemv import Linear, norm_linear
-from phasewatt.models.layers import RMSNorm, precompute_rope
+from phasewatt.models.layers import RMSNorm, decode_mask, precompute_rope
 
 # Cache lengths are rounded up to this, so every row of the attention mask is aligned for the
 # fused attention kernels (masked tail positions cost a little extra reading, nothing else).
@@ -160,7 +160,7 @@ class DecoderModel(nn.Module):
         fixed shapes and can be captured in a CUDA graph); logits [B, V]."""
         h = self._embed(tokens)
         delta = None
-        mask = torch.where(self.positions <= input_pos, 0.0, float("-inf")).to(h.dtype)
+        mask = decode_mask(self.positions, input_pos, h.dtype)
         for layer, cache in zip(self.layers, self.caches):
             h, delta = layer(h, delta, input_pos, self.rope_cos, self.rope_sin, mask, cache)
         return self.head(h, delta)

@@ -253,8 +253,8 @@ def _rms_normed(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset
     return (x32 * (weight.float() + offset) if weight is not None else x32).to(x.dtype)
 
 
-def _glu(y: torch.Tensor) -> torch.Tensor:
-    """SiLU(gate) * up of y = [gate | up]."""
+def silu_gate_up(y: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up of y = [gate | up] (the SwiGLU activation; the kernel's GLU epilogue)."""
     gate, up = y.chunk(2, dim=-1)
     return F.silu(gate) * up
 
@@ -301,7 +301,7 @@ def gemv_rmsnorm(
     normed = _rms_normed(gated, norm_weight, eps, norm_offset).to(weight.dtype)
     normed = normed * out_scale if out_scale != 1.0 else normed
     y = F.linear(normed, weight)
-    return _epilogue(_glu(y) if glu else y, residual, 1.0), (total if delta is not None else x.new_empty(0))
+    return _epilogue(silu_gate_up(y) if glu else y, residual, 1.0), (total if delta is not None else x.new_empty(0))
 
 
 @gemv_rmsnorm.register_fake
@@ -371,7 +371,7 @@ def norm_mlp_residual(h, norm: nn.Module, mlp: nn.Module, out_scale: float = 1.0
         act = torch.ops.phasewatt.gemv_rmsnorm(h, None, None, _norm_weight(norm), norm.eps, norm.weight_offset, mlp.gate_up.weight, None, 1.0, True)[0]
         return torch.ops.phasewatt.gemv(act, mlp.down.weight, h, out_scale), None
     gate_up, h = norm_linear(h, None, norm, mlp.gate_up)
-    return h, _epilogue(mlp.down(_glu(gate_up)), None, out_scale)
+    return h, _epilogue(mlp.down(silu_gate_up(gate_up)), None, out_scale)
 
 
 @torch.no_grad()

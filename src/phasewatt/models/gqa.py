@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from phasewatt.errors import ConfigError
-from phasewatt.models.decode_attention import attend_torch, fused_supported, norm_rope_qk, split_qkv
+from phasewatt.models.decode_attention import attend_torch, fused_supported, fused_unsupported, norm_rope_qk, split_qkv
 from phasewatt.models.decoder import DECODE_ATTENTION, DecoderModel
 from phasewatt.models.gemv import Linear, norm_linear, norm_mlp_residual, residual_linear
 from phasewatt.models.layers import RMSNorm, SwiGLU
@@ -53,14 +53,14 @@ class GQALayer(nn.Module):
     def forward(self, h, delta, input_pos, cos, sin, mask, cache):
         """Decode step: h [B, d] and the previous layer's delta (or None); returns the new
         (h, delta). The residual adds and norms ride on the projections (gemv.norm_linear),
-        everything between the qkv and o products on the attention (decode_attention, which
-        masks by input_pos itself: `mask` is the decoders' shared argument, used by MLA)."""
+        everything between the qkv and o products on the attention (decode_attention; the
+        fused kernels mask by input_pos themselves, the torch forms take `mask`)."""
         qkv, h = norm_linear(h, delta, self.attn_norm, self.qkv)
         args = (qkv, *cache, input_pos, cos, sin, *self._qk_norm_weights(), self.attn_norm.eps, self.n_heads, self.head_dim**-0.5)
         if self.decode_attention == "fused":
             out = torch.ops.phasewatt.gqa_decode_attention(*args)
         else:
-            out = attend_torch(*args, kind=self.decode_attention)
+            out = attend_torch(*args, kind=self.decode_attention, mask=mask)
         h = residual_linear(out, self.o, h)
         return norm_mlp_residual(h, self.mlp_norm, self.mlp)
 
@@ -97,11 +97,9 @@ class GQAModel(DecoderModel):
         return "fused" if fused_supported(self.spec.head_dim, self.dtype, self.device.type) else "matmul"
 
     def set_decode_attention(self, kind: str) -> None:
-        if kind == "fused" and not fused_supported(self.spec.head_dim, self.dtype, self.device.type):
-            raise ConfigError(
-                f"decode_attention: 'fused' needs a power-of-two head_dim >= 16 in bfloat16/float16 "
-                f"(models.{self.spec.name}: head_dim {self.spec.head_dim}, {self.dtype}); allowed: sdpa, matmul"
-            )
+        why = fused_unsupported(self.spec.name, self.spec.head_dim, self.dtype, self.device.type) if kind == "fused" else None
+        if why:
+            raise ConfigError(f"decode_attention: {why}; allowed: sdpa, matmul")
         super().set_decode_attention(kind)
 
     def __init__(self, spec, device="cpu", dtype=torch.float32):

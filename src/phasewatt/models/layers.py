@@ -7,10 +7,9 @@ rope tables computed in float32) so that our models match them logit for logit.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from phasewatt.models.gemv import Linear
+from phasewatt.models.gemv import Linear, silu_gate_up
 
 
 class RMSNorm(nn.Module):
@@ -45,14 +44,19 @@ class SwiGLU(nn.Module):
         self.down = Linear(d_ff, d_model, bias=False, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).split(self.d_ff, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(silu_gate_up(self.gate_up(x)))
 
     def load_hf(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
         """Copy HF's separate gate_proj/up_proj/down_proj weights into the fused layout."""
         with torch.no_grad():
             self.gate_up.weight.copy_(torch.cat([gate, up], dim=0))
             self.down.weight.copy_(down)
+
+
+def decode_mask(positions: torch.Tensor, input_pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive attention mask of a decode step over cache positions [L]: 0 up to and
+    including input_pos [1], -inf after (a device tensor, so a CUDA graph replays it)."""
+    return torch.where(positions <= input_pos, 0.0, float("-inf")).to(dtype)
 
 
 def precompute_rope(rot_dim: int, max_len: int, theta: float = 10000.0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
