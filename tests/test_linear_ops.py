@@ -125,6 +125,46 @@ def test_causal_conv_prompt_then_steps_equals_whole_prompt():
     torch.testing.assert_close(state, x[:, -3:].transpose(1, 2))
 
 
+def test_causal_conv_in_bf16_rounds_once_as_the_conv_kernel():
+    """The shifted-product form sums in float32 and rounds once: it equals a float32 depthwise
+    conv1d of the same bf16 inputs, rounded to bf16 (what cuDNN's kernel returns)."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 40, 24, generator=gen).to(torch.bfloat16)
+    weight = torch.randn(24, 4, generator=gen).to(torch.bfloat16)
+    bias = torch.randn(24, generator=gen).to(torch.bfloat16)
+    out, state = ops.causal_conv1d(x, weight, bias)
+    padded = torch.nn.functional.pad(x.float().transpose(1, 2), (3, 0))
+    conv = torch.nn.functional.conv1d(padded, weight.float().unsqueeze(1), bias.float(), groups=24)
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape
+    torch.testing.assert_close(out, conv.transpose(1, 2).to(torch.bfloat16), rtol=0, atol=0)
+    assert torch.equal(state, x[:, -3:].transpose(1, 2))
+
+
+def test_mamba2_ssd_step_gate_multiplies_by_silu_of_z():
+    """The decode step's gate (Mamba2's gated norm, moved into the SSD step): y * SiLU(z), state
+    updated the same; also through the op's CPU form."""
+    gen = torch.Generator().manual_seed(7)
+    heads, n, p, groups = 4, 8, 16, 2
+    state = torch.randn(2, heads, n, p, generator=gen)
+    x, z = torch.randn(2, heads * p, generator=gen), torch.randn(2, heads * p, generator=gen)
+    b, c = torch.randn(2, groups * n, generator=gen), torch.randn(2, groups * n, generator=gen)
+    dt_raw = torch.randn(2, heads, generator=gen)
+    dt_bias, a_log, d_skip = torch.rand(heads, generator=gen), torch.rand(heads, generator=gen), torch.rand(heads, generator=gen)
+    args = (x, b, c, dt_raw, dt_bias, a_log, d_skip, (0.0, float("inf")), heads // groups)
+    plain_state, gated_state = state.clone(), state.clone()
+    plain = ops.mamba2_ssd_step(plain_state, *args)
+    gated = ops.mamba2_ssd_step(gated_state, *args, gate=z)
+    torch.testing.assert_close(gated, plain * torch.nn.functional.silu(z))
+    assert torch.equal(gated_state, plain_state)
+    op_state = state.clone()
+    through_op = torch.ops.phasewatt.mamba2_ssd_step(op_state, x, b, c, dt_raw, dt_bias, a_log, d_skip, 0.0, float("inf"), heads // groups, z)
+    torch.testing.assert_close(through_op, gated)
+    torch.library.opcheck(
+        torch.ops.phasewatt.mamba2_ssd_step.default,
+        (state.clone(), x, b, c, dt_raw, dt_bias, a_log, d_skip, 0.0, float("inf"), heads // groups, z),
+    )
+
+
 def test_backend_choice_is_checked():
     q, k, v, g, beta, _ = random_inputs(6, length=4)
     with pytest.raises(ValueError, match="backend 'fla' needs CUDA tensors"):

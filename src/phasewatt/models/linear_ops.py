@@ -48,13 +48,21 @@ def repeat_heads(x: torch.Tensor, times: int) -> torch.Tensor:
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
     """Depthwise causal convolution over a whole prompt.
 
-    x [B, T, C], weight [C, W]. Returns the output [B, T, C] (no activation) and the conv state
-    [B, C, W-1]: the last W-1 inputs, zero where the prompt is shorter than that.
+    x [B, T, C], weight [C, W]. Returns the output [B, T, C] (no activation, x's dtype) and the
+    conv state [B, C, W-1]: the last W-1 inputs, zero where the prompt is shorter than that.
+    A sum of W shifted products in float32 in x's own layout, rounded once as a conv kernel
+    would: compiled, it is one elementwise kernel with what follows it, where the depthwise
+    conv1d took cuDNN's generic kernel and transposes around it (~1/6 of Mamba2's prefill).
     """
-    width = weight.shape[-1]
-    padded = F.pad(x.transpose(1, 2), (width - 1, 0))
-    out = F.conv1d(padded, weight.unsqueeze(1), bias, groups=weight.shape[0])
-    return out.transpose(1, 2), padded[:, :, padded.shape[-1] - (width - 1) :]
+    length, width = x.shape[1], weight.shape[-1]
+    padded = F.pad(x, (0, 0, width - 1, 0))
+    weight32 = weight.float()
+    out = padded[:, :length].float() * weight32[:, 0]
+    for tap in range(1, width):
+        out = out + padded[:, tap : tap + length].float() * weight32[:, tap]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype), padded[:, padded.shape[1] - (width - 1) :].transpose(1, 2)
 
 
 def causal_conv1d_step(
@@ -341,51 +349,57 @@ def simple_gla_step(
     return out
 
 
-def mamba2_ssd_step(state, x, b, c, dt_raw, dt_bias, a_log, d_skip, time_step_limit, heads_per_group: int) -> torch.Tensor:
+def mamba2_ssd_step(
+    state, x, b, c, dt_raw, dt_bias, a_log, d_skip, time_step_limit, heads_per_group: int, gate=None
+) -> torch.Tensor:
     """One Mamba2 SSD token from the conv output: state [B, H, N, P] float32 (updated in
     place); x [B, H*P]; b, c [B, G*N]; dt_raw [B, H] (before softplus); dt_bias, a_log,
-    d_skip [H]. Returns y = C^T S_new + D x [B, H*P] in float32. On CUDA one Triton kernel
-    reads and writes the state once (through inductor the torch form reads it twice, plus
-    small kernels for dt and the skip); elsewhere, or for head or state sizes that are not
-    powers of two, the torch form."""
+    d_skip [H]; gate z [B, H*P] or None. Returns y = C^T S_new + D x, times SiLU(z) when the
+    gate is given, [B, H*P] in float32: gating here spares the output product's prologue
+    a second input stream per weight tile. On CUDA one Triton kernel reads and writes the
+    state once (through inductor the torch form reads it twice, plus small kernels for dt and
+    the skip); elsewhere, or for head or state sizes that are not powers of two, the torch form."""
     n, p = state.shape[-2:]
     low, high = (float(v) for v in time_step_limit)
     if state.is_cuda and not (n & (n - 1) or p & (p - 1)):
-        return torch.ops.phasewatt.mamba2_ssd_step(state, x, b, c, dt_raw, dt_bias, a_log, d_skip, low, high, heads_per_group)
-    return _mamba2_ssd_step_torch(state, x, b, c, dt_raw, dt_bias, a_log, d_skip, (low, high), heads_per_group)
+        return torch.ops.phasewatt.mamba2_ssd_step(state, x, b, c, dt_raw, dt_bias, a_log, d_skip, low, high, heads_per_group, gate)
+    return _mamba2_ssd_step_torch(state, x, b, c, dt_raw, dt_bias, a_log, d_skip, (low, high), heads_per_group, gate)
 
 
 @torch.library.custom_op("phasewatt::mamba2_ssd_step", mutates_args=("state",))
 def _mamba2_ssd_step_op(
     state: torch.Tensor, x: torch.Tensor, b: torch.Tensor, c: torch.Tensor, dt_raw: torch.Tensor, dt_bias: torch.Tensor,
     a_log: torch.Tensor, d_skip: torch.Tensor, dt_min: float, dt_max: float, heads_per_group: int,
+    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if not state.is_cuda:
-        return _mamba2_ssd_step_torch(state, x, b, c, dt_raw, dt_bias, a_log, d_skip, (dt_min, dt_max), heads_per_group)
+        return _mamba2_ssd_step_torch(state, x, b, c, dt_raw, dt_bias, a_log, d_skip, (dt_min, dt_max), heads_per_group, gate)
     batch, heads, n, p = state.shape
     y = torch.empty(batch, heads * p, device=x.device, dtype=torch.float32)
     block_p = min(p, 32)
     _ssd_step_kernel()[(batch, heads, p // block_p)](
-        x, b, c, dt_raw, dt_bias, a_log, d_skip, state, y,
+        x, b, c, dt_raw, dt_bias, a_log, d_skip, state, y, x if gate is None else gate,
         x.stride(0), b.stride(0), c.stride(0), dt_raw.stride(0), state.stride(0), y.stride(0),
-        heads_per_group, dt_min, dt_max, N=n, P=p, BLOCK_P=block_p, num_warps=4,
+        x.stride(0) if gate is None else gate.stride(0),
+        heads_per_group, dt_min, dt_max, N=n, P=p, BLOCK_P=block_p, GATE=gate is not None, num_warps=4,
     )
     return y
 
 
 @_mamba2_ssd_step_op.register_fake
-def _(state, x, b, c, dt_raw, dt_bias, a_log, d_skip, dt_min, dt_max, heads_per_group):
+def _(state, x, b, c, dt_raw, dt_bias, a_log, d_skip, dt_min, dt_max, heads_per_group, gate=None):
     return x.new_empty((state.shape[0], state.shape[1] * state.shape[3]), dtype=torch.float32)
 
 
-def _mamba2_ssd_step_torch(state, x, b, c, dt_raw, dt_bias, a_log, d_skip, time_step_limit, heads_per_group: int):
+def _mamba2_ssd_step_torch(state, x, b, c, dt_raw, dt_bias, a_log, d_skip, time_step_limit, heads_per_group: int, gate=None):
     batch, heads, n, p = state.shape
     dt = F.softplus(dt_raw.float() + dt_bias.float()).clamp(*time_step_limit)
     xh = x.float().unflatten(-1, (heads, p))
     bh = repeat_heads(b.unflatten(-1, (-1, n)), heads_per_group)
     ch = repeat_heads(c.unflatten(-1, (-1, n)), heads_per_group)
     y = simple_gla_step(state, ch, bh, xh * dt.unsqueeze(-1), dt * -a_log.float().exp(), 1.0)
-    return (y + xh * d_skip.float().unsqueeze(-1)).flatten(-2)
+    y = (y + xh * d_skip.float().unsqueeze(-1)).flatten(-2)
+    return y * F.silu(gate.float()) if gate is not None else y
 
 
 @functools.lru_cache(maxsize=1)
@@ -395,9 +409,9 @@ def _ssd_step_kernel():
 
     @triton.jit
     def ssd_step_kernel(
-        x_ptr, b_ptr, c_ptr, dt_ptr, dt_bias_ptr, a_log_ptr, d_ptr, state_ptr, y_ptr,
-        stride_x, stride_b, stride_c, stride_dt, stride_state, stride_y, heads_per_group, dt_min, dt_max,
-        N: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr,
+        x_ptr, b_ptr, c_ptr, dt_ptr, dt_bias_ptr, a_log_ptr, d_ptr, state_ptr, y_ptr, z_ptr,
+        stride_x, stride_b, stride_c, stride_dt, stride_state, stride_y, stride_z, heads_per_group, dt_min, dt_max,
+        N: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr, GATE: tl.constexpr,
     ):
         seq = tl.program_id(0)
         head = tl.program_id(1)
@@ -415,6 +429,9 @@ def _ssd_step_kernel():
         s = tl.load(s_ptrs) * decay + b[:, None] * (x * dt)[None, :]
         tl.store(s_ptrs, s)
         y = tl.sum(c[:, None] * s, axis=0) + tl.load(d_ptr + head).to(tl.float32) * x
+        if GATE:  # y * SiLU(z): the gated norm's gate, applied here instead of in out_proj's prologue
+            z = tl.load(z_ptr + seq * stride_z + head * P + rp).to(tl.float32)
+            y = y * z * tl.sigmoid(z)
         tl.store(y_ptr + seq * stride_y + head * P + rp, y)
 
     return ssd_step_kernel
@@ -441,7 +458,9 @@ def gated_delta_rule_prefill(q, k, v, g, beta, scale: float, backend: str = "aut
     """Whole-prompt gated delta rule from a zero state, q and k L2-normalised here (in the
     kernel on fla). Returns o [B, T, H, V] and the final state [B, H, K, V] (float32)."""
     if _use_fla(q, backend):
-        return _fla_gated_delta_rule(q, k, v, g, beta, scale)
+        # Packed here, inside the compiled prefill, so that inductor writes them packed in the
+        # kernels that make them: fla would copy the strided views in eager kernels.
+        return _fla_gated_delta_rule(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(), scale)
     return chunk_gated_delta_rule_torch(l2_normalize(q), l2_normalize(k), v, g, beta, scale)
 
 
@@ -452,8 +471,7 @@ def _fla_gated_delta_rule(q, k, v, g, beta, scale: float):
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
     out, state = chunk_gated_delta_rule(
-        q.contiguous(), k.contiguous(), v.contiguous(), g=g, beta=beta, scale=scale, initial_state=None,
-        output_final_state=True, use_qk_l2norm_in_kernel=True,
+        q, k, v, g=g, beta=beta, scale=scale, initial_state=None, output_final_state=True, use_qk_l2norm_in_kernel=True,
     )
     return out, state.float()
 
@@ -463,7 +481,9 @@ def simple_gla_prefill(q, k, v, g, scale: float, chunk_size: int, backend: str =
     final state [B, H, K, V] (float32). fla picks its own chunk size; the result is the same.
     On fla, v is cast to q's dtype (the kernel takes q, k, v of one dtype)."""
     if _use_fla(q, backend):
-        return _fla_simple_gla(q, k, v.to(q.dtype), g, scale)
+        # Packed inside the compiled prefill, as in gated_delta_rule_prefill: q and k are the
+        # group's B and C broadcast over its heads (stride-0 views until here).
+        return _fla_simple_gla(q.contiguous(), k.contiguous(), v.to(q.dtype).contiguous(), g.contiguous(), scale)
     return chunk_simple_gla_torch(q, k, v, g, scale, chunk_size=chunk_size)
 
 
@@ -472,7 +492,5 @@ def _fla_simple_gla(q, k, v, g, scale: float):
     """fla's chunked kernels, kept out of torch.compile like _fla_gated_delta_rule."""
     from fla.ops.simple_gla import chunk_simple_gla
 
-    out, state = chunk_simple_gla(
-        q.contiguous(), k.contiguous(), v.contiguous(), g=g, scale=scale, initial_state=None, output_final_state=True,
-    )
+    out, state = chunk_simple_gla(q, k, v, g=g, scale=scale, initial_state=None, output_final_state=True)
     return out, state.float()

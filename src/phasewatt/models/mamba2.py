@@ -32,7 +32,8 @@ from phasewatt.models.spec import ModelSpec
 
 
 class GroupedGatedRMSNorm(nn.Module):
-    """x * SiLU(gate), then RMSNorm over each of n_groups equal slices (gate before norm)."""
+    """x * SiLU(gate), then RMSNorm over each of n_groups equal slices (gate before norm;
+    gate None: x is gated already, as the decode step's SSD kernel returns it)."""
 
     weight_offset = 0.0  # the scale is the weight itself (what gemv.fold_norm_weights reads)
 
@@ -42,11 +43,11 @@ class GroupedGatedRMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
-    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        x32 = x.float() * F.silu(gate.float())
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        x32 = x.float() * F.silu(gate.float()) if gate is not None else x.float()
         grouped = x32.unflatten(-1, (self.n_groups, -1))
         grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * grouped.flatten(-2)).to(gate.dtype)
+        return (self.weight.float() * grouped.flatten(-2)).to(self.weight.dtype)
 
 
 class Mamba2Mixer(nn.Module):
@@ -118,14 +119,15 @@ class Mamba2Mixer(nn.Module):
 
     def decode(self, proj: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
         """One token from its input projection proj [B, in_proj rows]; returns the SSM output
-        y + D x [B, d_inner] (float32) and the gate z, for the gated norm and out_proj."""
+        (y + D x) * SiLU(z) [B, d_inner] (float32), for the gated norm (its gate applied) and out_proj."""
         z, xbc, dt_raw = proj.split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
         xbc = linear_ops.causal_conv1d_step_silu(xbc, conv_state, self.conv_weight, self.conv_bias)
         x, b, c = xbc.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
         y = linear_ops.mamba2_ssd_step(
-            ssm_state, x, b, c, dt_raw, self.dt_bias, self.A_log, self.D, self.time_step_limit, self.n_heads // self.n_groups
+            ssm_state, x, b, c, dt_raw, self.dt_bias, self.A_log, self.D, self.time_step_limit, self.n_heads // self.n_groups,
+            gate=z,
         )
-        return y, z
+        return y
 
     def make_state(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         weight = self.in_proj.weight
@@ -158,8 +160,8 @@ class Mamba2Block(nn.Module):
     def forward(self, h: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
         """One decode step; the norm and the residual add ride on the projections (gemv)."""
         proj, _ = norm_linear(h, None, self.norm, self.mixer.in_proj)
-        y, z = self.mixer.decode(proj, conv_state, ssm_state)
-        return gated_norm_residual(y, z, self.mixer.norm, self.mixer.out_proj, h)
+        y = self.mixer.decode(proj, conv_state, ssm_state)
+        return gated_norm_residual(y, None, self.mixer.norm, self.mixer.out_proj, h)
 
     def norm_folds(self):
         """(norm, the products it feeds): what gemv.fold_norm_weights may fold; the gated norm
