@@ -89,11 +89,11 @@ def test_triton_path_refuses_inputs_it_cannot_read():
 
 
 def test_fused_is_refused_for_models_without_it_before_any_work():
-    spec = ModelSpec.from_config("tiny-mla", dict(
-        arch="mla", n_layers=1, d_model=64, n_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8,
-        qk_rope_head_dim=4, v_head_dim=12, d_ff=96, vocab_size=128,
+    spec = ModelSpec.from_config("tiny-mamba2", dict(
+        arch="mamba2", n_layers=1, d_model=64, d_state=16, head_dim=16, expand=2, n_groups=1, conv_size=4, chunk_size=8,
+        vocab_size=128, tied_embeddings=True,
     ))
-    with pytest.raises(ConfigError, match=r"engine_options.decode_attention: 'fused' for the mla model; allowed: auto, sdpa, matmul"):
+    with pytest.raises(ConfigError, match=r"engine_options.decode_attention: 'fused' for the mamba2 model; allowed: auto$"):
         NativeEngine(spec=spec, batch=1, prompt_len=4, decode_tokens=2, device="cpu", options={"decode_attention": "fused"})
 
 

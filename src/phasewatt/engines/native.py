@@ -20,7 +20,6 @@ import time
 from contextlib import nullcontext
 
 from phasewatt.errors import ConfigError
-from phasewatt.models.decode_attention import fused_unsupported
 from phasewatt.models.decoder import ALL_DECODE_ATTENTION
 from phasewatt.models.gemv import AUTO_ROWS as GEMV_AUTO_ROWS, MAX_ROWS as GEMV_MAX_ROWS, fold_norm_weights, use_gemv
 from phasewatt.models.loader import load_checkpoint
@@ -31,7 +30,7 @@ DEFAULT_OPTIONS = {
     "compile": "auto",  # true | false | auto (= on CUDA, when the model can be compiled per layer)
     "compile_mode": "default",  # torch.compile mode, e.g. max-autotune-no-cudagraphs
     "warmup_steps": 3,  # eager decode steps before capture (the first one compiles)
-    "decode_attention": "auto",  # auto (the model's default on this device) | sdpa | matmul (gqa and mla) | fused (gqa)
+    "decode_attention": "auto",  # auto (the model's default on this device) | sdpa | matmul (gqa and mla) | fused (gqa, mla)
     "compile_prefill": "auto",  # true | false | auto (= whenever the decode step is compiled)
     "prefill_graph": "auto",  # true | false | auto (= on CUDA with cuda_graph, prompts of <= PREFILL_GRAPH_MAX_TOKENS)
     "coordinate_descent_tuning": True,  # inductor's tuning that turns batch-1 GEMVs into fused reductions
@@ -119,15 +118,17 @@ class NativeEngine:
 
     # ----- set-up ---------------------------------------------------------------------------
     def _check_decode_attention(self) -> None:
-        """A decode_attention the model offers (GQA's "fused" is its own), before any GPU work."""
+        """A decode_attention the model offers, and "fused" only where the model's kernels take
+        its dims and dtype (the model class says why not), before any GPU work."""
         kind = self.options["decode_attention"]
         if kind == "auto":
             return
-        offered = tuple(getattr(model_class(self.spec.arch), "decode_attentions", ()))
+        cls = model_class(self.spec.arch)
+        offered = tuple(getattr(cls, "decode_attentions", ()))
         allowed = ", ".join(("auto",) + offered)
         if kind not in offered:
             raise ConfigError(f"engine_options.decode_attention: {kind!r} for the {self.spec.arch} model; allowed: {allowed}")
-        why = fused_unsupported(self.spec.name, self.spec.head_dim, self.dtype, self.device.type) if kind == "fused" else None
+        why = cls.fused_unsupported(self.spec, self.dtype, self.device.type) if kind == "fused" else None
         if why:
             raise ConfigError(f"engine_options.decode_attention: {why}; allowed: auto, sdpa, matmul")
 

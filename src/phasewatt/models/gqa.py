@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from phasewatt.errors import ConfigError
-from phasewatt.models.decode_attention import attend_torch, fused_supported, fused_unsupported, norm_rope_qk, split_qkv
+from phasewatt.models import decode_attention
+from phasewatt.models.decode_attention import attend_torch, norm_rope_qk, split_qkv
 from phasewatt.models.decoder import DECODE_ATTENTION, DecoderModel
 from phasewatt.models.gemv import Linear, norm_linear, norm_mlp_residual, residual_linear
 from phasewatt.models.layers import RMSNorm, SwiGLU
@@ -91,13 +92,18 @@ class GQAModel(DecoderModel):
     # other two, SDPA's kernel for a masked decode query gives one thread block per KV head at
     # batch 1 and slows down with the cache (H200: 3.62 ms matmul vs 3.86 sdpa at 512).
 
+    @classmethod
+    def fused_unsupported(cls, spec, dtype: torch.dtype, device_type: str) -> str | None:
+        """Why the fused kernels cannot take this model (decode_attention.fused_unsupported), or None."""
+        return decode_attention.fused_unsupported(spec.name, spec.head_dim, dtype, device_type)
+
     @property
     def cuda_decode_attention(self) -> str:
-        """fused where the kernels take the model (decode_attention.fused_supported), else matmul."""
-        return "fused" if fused_supported(self.spec.head_dim, self.dtype, self.device.type) else "matmul"
+        """fused where the kernels take the model, else matmul."""
+        return "matmul" if self.fused_unsupported(self.spec, self.dtype, self.device.type) else "fused"
 
     def set_decode_attention(self, kind: str) -> None:
-        why = fused_unsupported(self.spec.name, self.spec.head_dim, self.dtype, self.device.type) if kind == "fused" else None
+        why = self.fused_unsupported(self.spec, self.dtype, self.device.type) if kind == "fused" else None
         if why:
             raise ConfigError(f"decode_attention: {why}; allowed: sdpa, matmul")
         super().set_decode_attention(kind)

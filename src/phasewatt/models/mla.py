@@ -7,8 +7,10 @@ Decode absorbs the up-projections: with kv_b split per head into W_UK [nope, kv_
 W_UV [v, kv_lora], a score is q_nope . (W_UK c) + q_pe . k_pe = (W_UK^T q_nope) . c + q_pe . k_pe,
 so the query is mapped into the latent space once and attends to the cache as one shared
 [kv_lora + rope] key; the attention output stays in the latent space and W_UV maps it back.
-A step reads the latent cache once and never expands it. Prefill expands K and V per head
-(cheaper there: every latent is used by many queries) and uses SDPA.
+A step reads the latent cache once and never expands it (models.mla_attention: three fused
+Triton kernels on CUDA, or the torch form as one SDPA call or two matmuls around a softmax).
+Prefill expands K and V per head (cheaper there: every latent is used by many queries) and
+uses SDPA.
 
 Optional config keys (spec.extra): scale_emb, scale_depth, dim_model_base (MiniCPM3's
 embedding, residual and logit scalings; omitted means none) and rope_interleaved (true for
@@ -23,10 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phasewatt.models.decoder import DecoderModel, spec_extra
+from phasewatt.errors import ConfigError
+from phasewatt.models import mla_attention
+from phasewatt.models.decoder import DECODE_ATTENTION, DecoderModel, spec_extra
 from phasewatt.models.gemv import Linear, norm_linear, norm_mlp_residual, residual_linear
 from phasewatt.models.layers import RMSNorm, SwiGLU, apply_rope
 from phasewatt.models.loader import CheckpointError, HFTensors
+from phasewatt.models.mla_attention import attend_torch, cache_entry, split_query
 
 
 class MLALayer(nn.Module):
@@ -57,45 +62,25 @@ class MLALayer(nn.Module):
         w = self.a_proj.weight
         return (torch.zeros(batch, cache_len, self.kv_lora + self.rope, device=w.device, dtype=w.dtype),)
 
-    def _project(self, h, delta, cos, sin):
-        """h (+ delta) [B, S, d] -> q_nope [B, S, H, nope], rotated q_pe [B, S, H, rope], the
-        cache entries [B, S, kv_lora + rope] (normed latent, rotated shared key) and h + delta."""
+    def _project(self, h, delta):
+        """h (+ delta) [..., d] -> q_b_proj's output [..., H (nope + rope)], kv_a_proj's
+        [..., kv_lora + rope] (a view) and h + delta."""
         a, h = norm_linear(h, delta, self.attn_norm, self.a_proj)
-        b, s, _ = a.shape
-        q_a, kv_lat, k_pe = a.split([self.q_lora, self.kv_lora, self.rope], dim=-1)
-        q = norm_linear(q_a, None, self.q_a_norm, self.q_b_proj)[0].view(b, s, self.n_heads, self.nope + self.rope)
-        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
-        q_pe = apply_rope(q_pe, cos, sin, self.rope_interleaved)
-        k_pe = apply_rope(k_pe.view(b, s, 1, self.rope), cos, sin, self.rope_interleaved).view(b, s, self.rope)
-        return q_nope, q_pe, torch.cat([self.kv_a_norm(kv_lat), k_pe], dim=-1), h
-
-    def _up_weights(self):
-        """W_UK [H, nope, kv_lora] and W_UV [H, v, kv_lora]: views of kv_b_proj's weight."""
-        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora)
-        return w[:, : self.nope], w[:, self.nope :]
+        q_a, kv_a = a.split([self.q_lora, self.kv_lora + self.rope], dim=-1)
+        return norm_linear(q_a, None, self.q_a_norm, self.q_b_proj)[0], kv_a, h
 
     def forward(self, h, delta, input_pos, cos, sin, mask, cache):
         """Decode step, absorbed: h [B, d] and the previous layer's delta (or None); returns
-        the new (h, delta)."""
-        b = h.shape[0]
-        (latent,) = cache
-        q_nope, q_pe, entry, h = self._project(h.unsqueeze(1), None if delta is None else delta.unsqueeze(1), cos[input_pos], sin[input_pos])
-        h = h.squeeze(1)
-        latent[:, input_pos] = entry
-        w_uk, w_uv = self._up_weights()
-        q_lat = torch.einsum("bhn,hnc->bhc", q_nope.view(b, self.n_heads, self.nope), w_uk)
-        query = torch.cat([q_lat, q_pe.view(b, self.n_heads, self.rope)], dim=-1)  # [B, H, kv_lora + rope]
-        if self.decode_attention == "sdpa":
-            # One shared key head; the H query heads take the query-length axis.
-            out_lat = F.scaled_dot_product_attention(
-                query.unsqueeze(1), latent.unsqueeze(1), latent[:, :, : self.kv_lora].unsqueeze(1),
-                attn_mask=mask.view(1, 1, 1, -1), scale=self.scale,
-            ).squeeze(1)
+        the new (h, delta). Everything between the q_b and o products is the attention
+        (mla_attention; the fused kernels mask by input_pos themselves, the torch forms take
+        `mask`)."""
+        q, kv_a, h = self._project(h, delta)
+        args = (q, kv_a, *cache, input_pos, cos, sin, self.kv_a_norm.weight, self.kv_b_proj.weight, self.kv_a_norm.eps,
+                self.n_heads, self.nope, self.v_dim, self.scale, self.rope_interleaved)
+        if self.decode_attention == "fused":
+            out = torch.ops.phasewatt.mla_decode_attention(*args)
         else:
-            scores = torch.bmm(query, latent.transpose(1, 2)).float() * self.scale + mask
-            probs = torch.softmax(scores, dim=-1).to(h.dtype)  # [B, H, L]
-            out_lat = torch.bmm(probs, latent[:, :, : self.kv_lora])  # [B, H, kv_lora]
-        out = torch.einsum("bhc,hvc->bhv", out_lat, w_uv).reshape(b, self.n_heads * self.v_dim)
+            out = attend_torch(*args, kind=self.decode_attention, mask=mask)
         h = residual_linear(out, self.o, h, self.residual_scale)
         return norm_mlp_residual(h, self.mlp_norm, self.mlp, self.residual_scale)
 
@@ -107,7 +92,10 @@ class MLALayer(nn.Module):
     def prefill(self, h, delta, cos, sin, cache):
         """Whole prompts h, delta [b, S, d] (cache: views of their rows), K/V expanded per head."""
         b, s, _ = h.shape
-        q_nope, q_pe, entry, h = self._project(h, delta, cos, sin)
+        q, kv_a, h = self._project(h, delta)
+        q_nope, q_pe = split_query(q, self.n_heads, self.nope, self.rope)
+        q_pe = apply_rope(q_pe, cos, sin, self.rope_interleaved)
+        entry = cache_entry(kv_a, self.kv_a_norm.weight, self.kv_a_norm.eps, cos, sin, self.rope_interleaved)
         cache[0][:, :s] = entry
         kv = self.kv_b_proj(entry[..., : self.kv_lora]).view(b, s, self.n_heads, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
@@ -125,6 +113,27 @@ class MLALayer(nn.Module):
 
 class MLAModel(DecoderModel):
     default_decode_attention = "matmul"
+    decode_attentions = DECODE_ATTENTION + ("fused",)
+    # What the engine picks on CUDA: the fused kernels (norm, rope, cache write, absorption,
+    # a cache split over the GPU and W_UV in three kernels, where compiled matmuls took ~10 per
+    # layer and held MiniCPM3-4B at batch 1 to ~47% of copy bandwidth on an H200).
+
+    @classmethod
+    def fused_unsupported(cls, spec, dtype: torch.dtype, device_type: str) -> str | None:
+        """Why the fused kernels cannot take this model (mla_attention.fused_unsupported), or None."""
+        dims = (spec.kv_lora_rank, spec.qk_rope_head_dim, spec.qk_nope_head_dim, spec.v_head_dim)
+        return mla_attention.fused_unsupported(spec.name, *dims, dtype, device_type)
+
+    @property
+    def cuda_decode_attention(self) -> str:
+        """fused where the kernels take the model, else matmul."""
+        return "matmul" if self.fused_unsupported(self.spec, self.dtype, self.device.type) else "fused"
+
+    def set_decode_attention(self, kind: str) -> None:
+        why = self.fused_unsupported(self.spec, self.dtype, self.device.type) if kind == "fused" else None
+        if why:
+            raise ConfigError(f"decode_attention: {why}; allowed: sdpa, matmul")
+        super().set_decode_attention(kind)
 
     def __init__(self, spec, device="cpu", dtype=torch.float32):
         scale_depth = spec.extra.get("scale_depth")

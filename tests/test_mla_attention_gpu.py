@@ -1,0 +1,156 @@
+"""The fused MLA decode attention kernels against the torch form (needs CUDA and Triton;
+skipped in CI).
+
+PHASEWATT_KERNEL_DEVICE=cpu with TRITON_INTERPRET=1 runs the kernel comparisons through
+Triton's interpreter instead, on small shapes in float16 (the interpreter's bf16 tl.dot is
+broken): a check of the kernels' indexing on a machine without a GPU, e.g.
+  TRITON_INTERPRET=1 PHASEWATT_KERNEL_DEVICE=cpu PYTHONPATH=src python -m pytest tests/test_mla_attention_gpu.py
+"""
+
+import os
+
+import pytest
+import torch
+
+from phasewatt.models import mla_attention as ma
+from phasewatt.models.layers import precompute_rope
+from phasewatt.models.mla import MLAModel
+from phasewatt.models.spec import ModelSpec
+
+DEVICE = os.environ.get("PHASEWATT_KERNEL_DEVICE", "cuda")
+INTERPRETED = DEVICE == "cpu"
+if INTERPRETED and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("PHASEWATT_KERNEL_DEVICE=cpu needs TRITON_INTERPRET=1", allow_module_level=True)
+if not INTERPRETED and not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+DTYPE = torch.float16 if INTERPRETED else torch.bfloat16
+
+# heads, kv_lora, rope, nope, v
+MINICPM3 = (40, 256, 32, 64, 64)
+SMALL = (20, 128, 16, 16, 32)  # two head blocks, the second part-filled; two absorb channel blocks; v > nope
+
+
+def inputs(batch, dims, cache_len, pos, interleaved, seed=0):
+    heads, kv_lora, rope, nope, v_dim = dims
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    kw = dict(device=DEVICE, dtype=DTYPE, generator=g)
+    q = torch.randn(batch, heads * (nope + rope), **kw)
+    # kv_a as the layer has it: a column slice of a_proj's output (row stride > width)
+    kv_a = torch.randn(batch, 24 + kv_lora + rope, **kw)[:, 24:]
+    latent = torch.randn(batch, cache_len, kv_lora + rope, **kw)
+    cos, sin = precompute_rope(rope, cache_len, 1e4, device=DEVICE)
+    norm = torch.rand(kv_lora, **kw) + 0.5
+    kv_b = torch.randn(heads * (nope + v_dim), kv_lora, **kw) * kv_lora**-0.5
+    pos = torch.tensor([pos], device=DEVICE)
+    return q, kv_a, latent, pos, cos, sin, norm, kv_b, 1e-6, heads, nope, v_dim, (nope + rope) ** -0.5, interleaved
+
+
+def assert_kernels_match_the_torch_form(batch, dims, cache_len, pos, interleaved, sm_count=None):
+    """sm_count: what the cache split is made for (None: the GPU's; small: few, long slices)."""
+    ref_args = inputs(batch, dims, cache_len, pos, interleaved)
+    args = inputs(batch, dims, cache_len, pos, interleaved)
+    expected = ma.attend_torch(*ref_args)
+    out = ma.triton_attend(*args, sm_count=sm_count or (132 if INTERPRETED else None))
+    assert out.shape == expected.shape and out.dtype == DTYPE
+    assert float((out.float() - expected.float()).norm() / expected.float().norm()) < 1e-2
+    latent, ref_latent = args[2], ref_args[2]
+    written = latent[:, pos].float()
+    assert float((written - ref_latent[:, pos].float()).abs().max()) <= 0.02 * float(written.abs().max())
+    others = torch.ones(cache_len, dtype=torch.bool, device=DEVICE)
+    others[pos] = False
+    assert torch.equal(latent[:, others], ref_latent[:, others])  # nothing else touched
+
+
+CASES = [
+    (1, MINICPM3, 640, 512, None),    # MiniCPM3-4B at 512
+    (1, MINICPM3, 640, 639, None),    # the last position
+    (1, MINICPM3, 2176, 2100, None),  # at 2048
+    (1, MINICPM3, 640, 0, None),      # the first position: one key
+    (1, MINICPM3, 640, 64, None),     # the first position of a slice
+    (8, MINICPM3, 640, 600, None),
+    (32, MINICPM3, 640, 512, None),
+    (32, MINICPM3, 2176, 2100, None),  # slices of several blocks
+    (17, MINICPM3, 192, 130, None),   # two blocks of sequences, the second part-filled
+    (1, MINICPM3, 2176, 1000, 1),     # one slice of many blocks
+]
+INTERPRETER_CASES = [
+    (1, SMALL, 192, 130, None),
+    (1, SMALL, 128, 0, None),
+    (3, SMALL, 128, 127, 1),    # one slice of two blocks
+    (2, SMALL, 320, 300, 4),    # slices of two blocks and one
+    (17, SMALL, 64, 40, None),
+]
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("batch,dims,cache_len,pos,sm_count", INTERPRETER_CASES if INTERPRETED else CASES)
+def test_kernels_match_the_torch_form(batch, dims, cache_len, pos, sm_count, interleaved):
+    assert_kernels_match_the_torch_form(batch, dims, cache_len, pos, interleaved, sm_count)
+
+
+def mla_spec(**over):
+    shapes = dict(arch="mla", n_layers=2, d_model=256, n_heads=20, q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32,
+                  qk_rope_head_dim=16, v_head_dim=32, d_ff=512, vocab_size=512, tied_embeddings=True, dtype="bfloat16",
+                  scale_emb=12, scale_depth=1.4, dim_model_base=64)
+    return ModelSpec.from_config("tiny-mla", {**shapes, **over})
+
+
+@pytest.mark.skipif(INTERPRETED, reason="a compiled CUDA graph")
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_fused_decode_in_a_compiled_graph_follows_the_position(interleaved):
+    """A tiny bf16 MiniCPM3-style model, compiled and captured once, replayed at advancing
+    positions, fed the same tokens: fused and matmul attention give close logits."""
+    spec = mla_spec(rope_interleaved=interleaved)
+    logits = {}
+    for kind in ("matmul", "fused"):
+        torch.manual_seed(0)
+        model = MLAModel(spec, device="cuda", dtype=torch.bfloat16).eval().requires_grad_(False)
+        model.set_decode_attention(kind)
+        model.setup_caches(1, 200)
+        prompt = torch.randint(0, 512, (1, 100), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+        model.prefill(prompt)
+        model.compile_decode()
+        token = prompt[:, -1].clone()
+        pos = torch.tensor([100], device="cuda")
+        for _ in range(2):
+            model.decode(token, pos)  # warm-up (compiles); rewrites position 100 only
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model.decode(token, pos)
+        steps = []
+        fed = torch.randint(0, 512, (40, 1), device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
+        for step in range(40):
+            pos.fill_(100 + step)
+            token.copy_(fed[step])
+            graph.replay()
+            steps.append(out.float().clone())
+        logits[kind] = torch.stack(steps)
+    diff = (logits["fused"] - logits["matmul"]).norm(dim=-1) / logits["matmul"].norm(dim=-1)
+    assert float(diff.max()) < 2e-2
+    assert float((logits["fused"].argmax(-1) == logits["matmul"].argmax(-1)).float().mean()) >= 0.9
+
+
+@pytest.mark.skipif(INTERPRETED, reason="MiniCPM3-4B's layer on CUDA")
+@pytest.mark.parametrize("batch", [1, 32])
+def test_minicpm3_layer_decode_fused_matches_matmul(batch):
+    """One MiniCPM3-4B-shaped layer (eager, bf16) at position 600 of a 640 cache: the op
+    against the matmul path on the same weights and cache."""
+    spec = mla_spec(n_layers=1, d_model=2560, n_heads=40, q_lora_rank=768, kv_lora_rank=256, qk_nope_head_dim=64,
+                    qk_rope_head_dim=32, v_head_dim=64, d_ff=6400, vocab_size=1024, dim_model_base=256)
+    torch.manual_seed(0)
+    model = MLAModel(spec, device="cuda", dtype=torch.bfloat16).eval().requires_grad_(False)
+    model.setup_caches(batch, 640)
+    for cache in model.caches:
+        cache[0].normal_()
+    tokens = torch.randint(0, 1024, (batch,), device="cuda", generator=torch.Generator(device="cuda").manual_seed(3))
+    logits, caches = {}, {}
+    start = [c[0].clone() for c in model.caches]
+    for kind in ("matmul", "fused"):
+        for cache, saved in zip(model.caches, start):
+            cache[0].copy_(saved)
+        model.set_decode_attention(kind)
+        logits[kind] = model.decode(tokens, torch.tensor([600], device="cuda")).float()
+        caches[kind] = model.caches[0][0].clone()
+    diff = (logits["fused"] - logits["matmul"]).norm(dim=-1) / logits["matmul"].norm(dim=-1)
+    assert float(diff.max()) < 2e-2
+    assert torch.equal(caches["fused"][:, :600], caches["matmul"][:, :600])
