@@ -15,6 +15,10 @@ whose down product is then a plain one). Block sizes per (variant, rows, N, K) c
 table measured on each GPU model by benchmarks/gemv_sweep.py (gemv_configs/<GPU name>.json),
 else a size rule.
 
+On Hopper and later the kernel is launched with programmatic dependent launch (set_pdl): it
+starts while the kernel before it finishes, loads its first weight tile, then waits for that
+kernel before reading x or writing anything, so its ramp-up overlaps the other's tail.
+
 The custom ops phasewatt::gemv and gemv_rmsnorm wrap it, so a compiled layer keeps each as
 one call and fuses its other elementwise work around them. On CPU tensors the ops are the
 modules' maths in torch: triton is never imported there.
@@ -99,11 +103,113 @@ def config_for(device_name: str, rows: int, n: int, k: int, variant: str = "plai
     return config
 
 
+# ----- programmatic dependent launch (Hopper and later) -----------------------------------------
+# With PDL a product launches while the kernel before it finishes and loads its first weight
+# tile (never written by a decode step's kernels) before waiting for it: a kernel's ramp-up
+# overlaps its predecessor's tail. On by default where the GPU has it; the native engine sets
+# it from its gemv_pdl option before it warms up or captures (a captured graph keeps the
+# launches it recorded, whatever the switch says later).
+PDL_MIN_CAPABILITY = 9
+_pdl_switch = {"enabled": True}
+
+
+def set_pdl(enabled: bool) -> None:
+    """Launch the kernel with PDL where the GPU supports it (True) or never (False)."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_pdl: enabled must be a bool, got {enabled!r}")
+    _pdl_switch["enabled"] = enabled
+
+
+def pdl_enabled() -> bool:
+    """The switch set_pdl sets (whether a launch uses PDL also depends on the GPU)."""
+    return _pdl_switch["enabled"]
+
+
+def pdl_launch_args(capability: tuple[int, int] | None, enabled: bool, interpreted: bool) -> dict:
+    """The kernel's PDL arguments: EARLY_W (first weight tile before any input), USE_PDL (the
+    grid-dependency wait and trigger) and launch_pdl (Triton's launch attribute), all on only
+    when the switch is on, the GPU's compute capability is >= 9.0 and the kernel is compiled
+    (the interpreter has no inline assembly). capability None: not a CUDA device."""
+    use = enabled and not interpreted and capability is not None and capability[0] >= PDL_MIN_CAPABILITY
+    return {"EARLY_W": use, "USE_PDL": use, "launch_pdl": use}
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+@functools.lru_cache(maxsize=1)
+def _interpreted() -> bool:
+    """Whether the kernel runs in Triton's interpreter (TRITON_INTERPRET=1 when it was built)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_kernel(), InterpretedFunction)
+
+
+def _launch_pdl_args(device: torch.device) -> dict:
+    """pdl_launch_args for a launch on `device`."""
+    interpreted = _interpreted()
+    capability = None
+    if device.type == "cuda" and not interpreted:
+        capability = _capability(device.index if device.index is not None else torch.cuda.current_device())
+    return pdl_launch_args(capability, pdl_enabled(), interpreted)
+
+
 @functools.lru_cache(maxsize=1)
 def _kernel():
-    """The Triton kernel, compiled on first use (triton imported only here)."""
+    """The Triton kernel, compiled on first use (triton imported only here). Its helpers are
+    module globals: the interpreter (TRITON_INTERPRET=1) resolves a kernel's names there only."""
+    global load_weight_tile, accumulate_tile
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def load_weight_tile(w_ptrs, up_ptrs, k_ok, EVEN_K: tl.constexpr, GLU: tl.constexpr):
+        """One BLOCK_K-wide tile of the program's weight rows (and of their up rows for GLU;
+        else the gate tile again, unused)."""
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+        else:
+            w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
+        w_up = w
+        if GLU:
+            if EVEN_K:
+                w_up = tl.load(up_ptrs)
+            else:
+                w_up = tl.load(up_ptrs, mask=k_ok[None, :], other=0.0)
+        return w, w_up
+
+    @triton.jit
+    def accumulate_tile(
+        acc, acc_up, squares, w, w_up, x_ptr, d_ptr, s_ptr, z_ptr, g_ptr, x_offsets, z_offsets, k0, k_ok, x_mask, rk, pid,
+        g_offset, BLOCK_M: tl.constexpr, NORM: tl.constexpr, NORM_WEIGHT: tl.constexpr, HAS_DELTA: tl.constexpr,
+        GATE: tl.constexpr, GLU: tl.constexpr,
+    ):
+        """The products of one K tile: x's tile (through the norm prologue) times the loaded
+        weight tile, added to the float32 accumulators. k_ok: the tile's columns inside K;
+        x_mask: and the rows inside M."""
+        x = tl.load(x_ptr + x_offsets, mask=x_mask, other=0.0).to(tl.float32)
+        if NORM:
+            if HAS_DELTA:  # the residual sum x + delta, written once (by program 0)
+                x += tl.load(d_ptr + x_offsets, mask=x_mask, other=0.0).to(tl.float32)
+                tl.store(s_ptr + x_offsets, x.to(s_ptr.dtype.element_ty), mask=x_mask & (pid == 0))
+            if GATE:  # x * SiLU(z) before the norm (Mamba2's gated norm)
+                z = tl.load(z_ptr + z_offsets, mask=x_mask, other=0.0).to(tl.float32)
+                x = x * z * tl.sigmoid(z)
+            squares += x * x
+            if NORM_WEIGHT:  # else folded into the weight (fold_norm_weights)
+                g = tl.load(g_ptr + k0 + rk, mask=k_ok, other=0.0).to(tl.float32) + g_offset
+                x = x * g[None, :]
+        if BLOCK_M == 1:
+            acc += w.to(tl.float32) * x
+            if GLU:
+                acc_up += w_up.to(tl.float32) * x
+        else:
+            acc += tl.sum(w.to(tl.float32)[None, :, :] * x[:, None, :], axis=2)
+            if GLU:
+                acc_up += tl.sum(w_up.to(tl.float32)[None, :, :] * x[:, None, :], axis=2)
+        return acc, acc_up, squares
 
     @triton.jit
     def gemv_kernel(
@@ -111,7 +217,7 @@ def _kernel():
         eps, g_offset, out_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
         NORM: tl.constexpr, NORM_WEIGHT: tl.constexpr, HAS_DELTA: tl.constexpr, GATE: tl.constexpr,
-        GLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+        GLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, EARLY_W: tl.constexpr, USE_PDL: tl.constexpr,
     ):
         pid = tl.program_id(0)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -131,38 +237,43 @@ def _kernel():
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros_like(acc)
         squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        if EARLY_W:
+            # The first weight tile is loaded before anything another kernel writes: no
+            # kernel of a decode step writes a weight, so under PDL these loads overlap the
+            # previous kernel's tail.
+            # (Names of their own: a name assigned before the loop and in it would be carried
+            # through the loop.)
+            k_ok_first = rk < K
+            w_first, w_up_first = load_weight_tile(w_ptrs, up_ptrs, k_ok_first, EVEN_K, GLU)
+        if USE_PDL:
+            # Every read of x, delta, z, residual and every store comes after this wait for
+            # the previous grid's completion and the visibility of its writes.
+            tl.extra.cuda.gdc_wait()
+            # The next PDL kernel may launch once every program of this grid has passed here:
+            # all of them are resident then (the next grid takes no slot one of ours waits
+            # for) and their predecessor is done (no third grid piles up), so the next grid's
+            # programs start in the slots ours leave as they finish and issue their first
+            # weight tile during our tail. Later, after the K loop, it would launch only once
+            # the slowest program's loads are done, leaving the freed slots idle through the
+            # tail. Its own gdc_wait orders its reads after our end either way.
+            tl.extra.cuda.gdc_launch_dependents()
+        if EARLY_W:  # the peeled first tile, then the loop from the second
+            acc, acc_up, squares = accumulate_tile(
+                acc, acc_up, squares, w_first, w_up_first, x_ptr, d_ptr, s_ptr, z_ptr, g_ptr, x_offsets, z_offsets, 0, k_ok_first,
+                m_ok[:, None] & k_ok_first[None, :], rk, pid, g_offset, BLOCK_M, NORM, NORM_WEIGHT, HAS_DELTA, GATE, GLU,
+            )
+            w_ptrs += BLOCK_K
+            up_ptrs += BLOCK_K
+            x_offsets += BLOCK_K
+            z_offsets += BLOCK_K
+        for k0 in range(BLOCK_K if EARLY_W else 0, K, BLOCK_K):
             k_ok = (k0 + rk) < K
             x_mask = m_ok[:, None] & k_ok[None, :]
-            if EVEN_K:
-                w = tl.load(w_ptrs)
-            else:
-                w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
-            if GLU:
-                if EVEN_K:
-                    w_up = tl.load(up_ptrs)
-                else:
-                    w_up = tl.load(up_ptrs, mask=k_ok[None, :], other=0.0)
-            x = tl.load(x_ptr + x_offsets, mask=x_mask, other=0.0).to(tl.float32)
-            if NORM:
-                if HAS_DELTA:  # the residual sum x + delta, written once (by program 0)
-                    x += tl.load(d_ptr + x_offsets, mask=x_mask, other=0.0).to(tl.float32)
-                    tl.store(s_ptr + x_offsets, x.to(s_ptr.dtype.element_ty), mask=x_mask & (pid == 0))
-                if GATE:  # x * SiLU(z) before the norm (Mamba2's gated norm)
-                    z = tl.load(z_ptr + z_offsets, mask=x_mask, other=0.0).to(tl.float32)
-                    x = x * z * tl.sigmoid(z)
-                squares += x * x
-                if NORM_WEIGHT:  # else folded into the weight (fold_norm_weights)
-                    g = tl.load(g_ptr + k0 + rk, mask=k_ok, other=0.0).to(tl.float32) + g_offset
-                    x = x * g[None, :]
-            if BLOCK_M == 1:
-                acc += w.to(tl.float32) * x
-                if GLU:
-                    acc_up += w_up.to(tl.float32) * x
-            else:
-                acc += tl.sum(w.to(tl.float32)[None, :, :] * x[:, None, :], axis=2)
-                if GLU:
-                    acc_up += tl.sum(w_up.to(tl.float32)[None, :, :] * x[:, None, :], axis=2)
+            w, w_up = load_weight_tile(w_ptrs, up_ptrs, k_ok, EVEN_K, GLU)
+            acc, acc_up, squares = accumulate_tile(
+                acc, acc_up, squares, w, w_up, x_ptr, d_ptr, s_ptr, z_ptr, g_ptr, x_offsets, z_offsets, k0, k_ok, x_mask, rk,
+                pid, g_offset, BLOCK_M, NORM, NORM_WEIGHT, HAS_DELTA, GATE, GLU,
+            )
             w_ptrs += BLOCK_K
             up_ptrs += BLOCK_K
             x_offsets += BLOCK_K
@@ -238,7 +349,7 @@ def triton_gemv(
         BLOCK_M=rows_bucket(rows), BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], EVEN_K=k % config["BLOCK_K"] == 0,
         NORM=norm, NORM_WEIGHT=norm_weight is not None, HAS_DELTA=delta is not None, GATE=gate is not None,
         GLU=glu, HAS_RESIDUAL=residual is not None,
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"], **_launch_pdl_args(x.device),
     )
     return y.view(*x.shape[:-1], n), (total.view(x.shape) if total is not None else None)
 
