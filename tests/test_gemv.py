@@ -8,6 +8,7 @@ import json
 import math
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -552,3 +553,80 @@ def test_committed_tables_name_only_kernel_variants():
             variant, _, shape = key.rpartition(":")
             assert (variant or "plain") in variants, (path.name, key)
             assert len(shape.split(",")) == 3 and set(gemv.CONFIG_KEYS) <= set(config), (path.name, key)
+
+
+# ----- programmatic dependent launch: when the kernel uses it -------------------------------------
+@pytest.fixture
+def pdl_switch():
+    """Leaves the module's PDL switch as it found it."""
+    before = gemv.pdl_enabled()
+    yield
+    gemv.set_pdl(before)
+
+
+PDL_ON = {"EARLY_W": True, "USE_PDL": True, "launch_pdl": True}
+PDL_OFF = {"EARLY_W": False, "USE_PDL": False, "launch_pdl": False}
+
+
+@pytest.mark.parametrize("capability,enabled,interpreted,expected", [
+    ((9, 0), True, False, PDL_ON),      # H100 / H200
+    ((10, 0), True, False, PDL_ON),     # Blackwell
+    ((8, 9), True, False, PDL_OFF),     # Ada: no griddepcontrol
+    ((8, 0), True, False, PDL_OFF),     # A100
+    ((9, 0), False, False, PDL_OFF),    # switched off
+    ((9, 0), True, True, PDL_OFF),      # the interpreter has no inline assembly
+    (None, True, False, PDL_OFF),       # not a CUDA device
+])
+def test_pdl_launch_args_only_on_hopper_and_later_when_switched_on(capability, enabled, interpreted, expected):
+    assert gemv.pdl_launch_args(capability, enabled, interpreted) == expected
+
+
+def test_pdl_switch_round_trip(pdl_switch):
+    gemv.set_pdl(False)
+    assert gemv.pdl_enabled() is False
+    gemv.set_pdl(True)
+    assert gemv.pdl_enabled() is True
+    for value in (0, 1, "auto", None):
+        with pytest.raises(TypeError, match="bool"):
+            gemv.set_pdl(value)
+    assert gemv.pdl_enabled() is True
+
+
+def test_decode_roofline_has_a_no_pdl_variant_and_skips_options_the_engine_lacks(monkeypatch):
+    """compile-nopdl is compile with gemv_pdl off; a variant naming an engine option the engine
+    does not have becomes a skipped row (not a crash mid-run)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import decode_roofline
+
+    assert decode_roofline.variant_options("compile-nopdl") == {**decode_roofline.variant_options("compile"), "gemv_pdl": False}
+    monkeypatch.setattr(decode_roofline, "ENGINE_OPTIONS", {"cuda_graph", "compile"})
+    assert decode_roofline.unknown_engine_options({"cuda_graph": True, "compile": "auto", "gemv_pdl": False}) == ["gemv_pdl"]
+    spec = ModelSpec.from_config("tiny-gqa", TINY["gqa"])
+    row = decode_roofline.measure_one(spec, "compile-nopdl", 1, 8, None, torch.device("cpu"), None, None, False)
+    assert row["status"] == "skipped: the engine has no option gemv_pdl"
+
+
+def test_pdl_check_chain_reads_the_previous_output_where_wide_enough():
+    """benchmarks/gemv_pdl_check.py's chain on CPU (the ops' torch path), on small shapes: the
+    plan repeats the pattern over the weight copies, each product reads a prefix of the one
+    before where that is wide enough, and the torch-between mode changes no value."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gemv_pdl_check
+
+    pattern = [("qkv", "rms", 96, 32), ("o", "residual", 32, 64), ("gate_up", "rms_glu", 160, 32), ("down", "residual", 32, 80)]
+    pattern_bytes = sum(n * k * 2 for _, _, n, k in pattern)
+    plan, copies = gemv_pdl_check.chain_plan(pattern, 20, 3.5 * pattern_bytes)
+    assert copies == 3 and len(plan) == 20
+    assert [p[-1] for p in plan[::4]] == [0, 1, 2, 0, 1] and [p[0] for p in plan[:4]] == ["qkv", "o", "gate_up", "down"]
+    assert gemv_pdl_check.chain_plan(pattern, 20, 1)[1] == 2  # at least two copies
+    assert gemv_pdl_check.product_bytes("rms_glu", 160, 32) == 2 * (160 * 32 + 32 + 80)
+    assert gemv_pdl_check.product_bytes("residual", 32, 64) == 2 * (32 * 64 + 64 + 2 * 32)
+    chain = gemv_pdl_check.Chain(pattern, 8, 1e9, device="cpu")
+    direct = chain.run()
+    assert [tuple(y.shape) for y in direct[:4]] == [(1, 96), (1, 32), (1, 80), (1, 32)]
+    # o (K 64) reads qkv's output prefix; qkv of the next layer (K 32) reads down's output
+    w_o = chain.weights[("o", 0)]
+    expected_o = F.linear(direct[0][:, :64].float(), w_o.float()) + chain.residual[32].float()
+    torch.testing.assert_close(direct[1].float(), expected_o, rtol=2e-2, atol=2e-2)
+    chain.between = "torch"
+    assert all(torch.equal(a, b) for a, b in zip(chain.run(), direct))
