@@ -582,6 +582,7 @@ def test_pdl_launch_args_only_on_hopper_and_later_when_switched_on(capability, e
 
 
 def test_pdl_switch_round_trip(pdl_switch):
+    assert gemv.pdl_active(torch.device("cpu")) is False  # no kernel on CPU (and no triton import)
     gemv.set_pdl(False)
     assert gemv.pdl_enabled() is False
     gemv.set_pdl(True)

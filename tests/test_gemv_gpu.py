@@ -210,6 +210,7 @@ def pdl_launches(monkeypatch):
 def with_pdl(enabled: bool, fn, launches: list):
     """fn() with the switch set; checks that its launches used PDL exactly when the GPU has it."""
     gemv.set_pdl(enabled)
+    assert gemv.pdl_active(torch.device("cuda")) == (enabled and HOPPER)
     launches.clear()
     out = fn()
     torch.cuda.synchronize()

@@ -156,6 +156,12 @@ def _launch_pdl_args(device: torch.device) -> dict:
     return pdl_launch_args(capability, pdl_enabled(), interpreted)
 
 
+def pdl_active(device: torch.device) -> bool:
+    """Whether launches of the kernel on `device` use PDL now: a CUDA device of compute
+    capability >= 9.0, the switch on, the kernel compiled (what the engine records)."""
+    return device.type == "cuda" and _launch_pdl_args(device)["launch_pdl"]
+
+
 @functools.lru_cache(maxsize=1)
 def _kernel():
     """The Triton kernel, compiled on first use (triton imported only here). Its helpers are
