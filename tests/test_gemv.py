@@ -329,6 +329,31 @@ def test_engine_accepts_gemv_max_rows(value):
     assert engine(gemv_max_rows=value).options["gemv_max_rows"] == value
 
 
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_engine_rejects_bad_gemv_pdl(value):
+    with pytest.raises(ConfigError, match=r"engine_options\.gemv_pdl: .*allowed: true, false, auto"):
+        engine(gemv_pdl=value)
+
+
+def test_engine_sets_the_pdl_switch_at_every_setup_and_records_it():
+    """The switch is process-wide: each engine sets it before capture, so an engine with PDL off
+    after one with it on (or the reverse) captures what it asked for; on CPU no launch uses it."""
+    try:
+        off = engine(gemv_max_rows=1, gemv_pdl=False)
+        off.setup()
+        assert gemv.pdl_enabled() is False
+        assert off.describe()["gemv_pdl"] is False
+        on = engine(gemv_max_rows=1, gemv_pdl="auto")
+        on.setup()
+        assert gemv.pdl_enabled() is True
+        assert on.describe()["gemv_pdl"] is False  # a CPU device: no PDL launch
+        no_gemv = engine(gemv_max_rows=0, gemv_pdl=True)
+        no_gemv.setup()
+        assert no_gemv.describe()["gemv_pdl"] is None
+    finally:
+        gemv.set_pdl(True)
+
+
 def test_engine_auto_resolution(monkeypatch):
     """auto: 0 on CPU; on CUDA, AUTO_ROWS at batch <= AUTO_ROWS when triton imports, else 0."""
     assert engine()._gemv_max_rows() == 0
