@@ -133,20 +133,21 @@ def test_gated_norm_prologue_with_float32_input():
     assert rel_err(out, residual.float() + F.linear(_rms(gated, g, 1e-5, 0.0), w.float())) < 1e-2
 
 
-@pytest.mark.parametrize("groups", [1, 2])
-def test_mamba2_ssd_step_kernel_matches_torch(groups):
+@pytest.mark.parametrize("groups,gated", [(1, False), (2, False), (1, True)])
+def test_mamba2_ssd_step_kernel_matches_torch(groups, gated):
     from phasewatt.models import linear_ops
 
     batch, heads, n, p = 3, 8, 128, 64
     gen = torch.Generator("cuda").manual_seed(groups)
     state = torch.randn(batch, heads, n, p, device="cuda", generator=gen)
-    proj = torch.randn(batch, heads * p + 2 * groups * n + heads, device="cuda", generator=gen).to(torch.bfloat16)
-    x, b, c, dt_raw = proj.split([heads * p, groups * n, groups * n, heads], dim=-1)
+    proj = torch.randn(batch, 2 * heads * p + 2 * groups * n + heads, device="cuda", generator=gen).to(torch.bfloat16)
+    z, x, b, c, dt_raw = proj.split([heads * p, heads * p, groups * n, groups * n, heads], dim=-1)
+    gate = z if gated else None  # a strided column slice, as the in_proj output gives it
     dt_bias, a_log, d_skip = (torch.rand(heads, device="cuda", generator=gen) for _ in range(3))
     limit = (0.0, float("inf")) if groups == 1 else (0.01, 0.5)
     expected_state = state.clone()
-    expected = linear_ops._mamba2_ssd_step_torch(expected_state, x, b, c, dt_raw, dt_bias, a_log, d_skip, limit, heads // groups)
-    y = linear_ops.mamba2_ssd_step(state, x, b, c, dt_raw, dt_bias, a_log, d_skip, limit, heads // groups)
+    expected = linear_ops._mamba2_ssd_step_torch(expected_state, x, b, c, dt_raw, dt_bias, a_log, d_skip, limit, heads // groups, gate)
+    y = linear_ops.mamba2_ssd_step(state, x, b, c, dt_raw, dt_bias, a_log, d_skip, limit, heads // groups, gate=gate)
     assert rel_err(y, expected) < 1e-5
     assert rel_err(state, expected_state) < 1e-5
 
