@@ -12,8 +12,8 @@ decode_bw_frac = floor / measured is the share of the copy bandwidth the step ac
 
 Variants: eager (no graph, no compile), graph (CUDA graph only), compile (graph of the
 per-layer compiled step, the engine's default), compile-max (compile_mode
-max-autotune-no-cudagraphs), compile-nopdl (compile with the GEMV's programmatic
-dependent launch off: gemv_pdl false), and the GEMV ablations compile-nogemv, -unfused,
+max-autotune-no-cudagraphs), compile-nopdl (compile with the decode kernels'
+programmatic dependent launch off: pdl false), and the GEMV ablations compile-nogemv, -unfused,
 -fused; a suffix +sdpa or +matmul picks the decode attention (gqa, mla).
 --variants run at every configuration, --compare only at --compare-batches x
 --compare-prompts (a +sdpa/+matmul variant only where it is not the model's default on the
@@ -52,7 +52,7 @@ import torch
 import yaml
 
 from phasewatt.config import exit_on_error, select_model_specs
-from phasewatt.engines.native import DEFAULT_OPTIONS as NATIVE_DEFAULT_OPTIONS, NativeEngine
+from phasewatt.engines.native import NativeEngine
 from phasewatt.io import write_text
 from phasewatt.models.decoder import ALL_DECODE_ATTENTION
 from phasewatt.models.registry import MODEL_CLASSES, model_class
@@ -68,11 +68,8 @@ VARIANTS = {
     "compile-unfused": {"cuda_graph": True, "compile": "auto", "gemv_fuse": False},
     "compile-fused": {"cuda_graph": True, "compile": "auto", "gemv_fuse": True},
     "compile-max": {"cuda_graph": True, "compile": "auto", "compile_mode": "max-autotune-no-cudagraphs"},
-    "compile-nopdl": {"cuda_graph": True, "compile": "auto", "gemv_pdl": False},
+    "compile-nopdl": {"cuda_graph": True, "compile": "auto", "pdl": False},
 }
-# The options this engine takes: a variant naming another (one added to the engine later) gives
-# a skipped row instead of stopping the run at its first configuration.
-ENGINE_OPTIONS = set(NATIVE_DEFAULT_OPTIONS)
 
 # Tiny shapes for --smoke (CPU): every architecture, a few layers.
 SMOKE_MODELS = {
@@ -86,7 +83,7 @@ COLUMNS = [
     "model", "arch", "variant", "batch", "prompt", "status",
     "decode_ms", "decode_floor_ms", "decode_bw_frac", "decode_tb_s",
     "prefill_ms", "prefill_floor_ms", "prefill_vs_floor", "prefill_bound",
-    "build_s", "prefill_first_s", "compile_s", "capture_s", "prefill_capture_s", "compile", "prefill_graph", "decode_attention", "gemv_max_rows", "gemv_pdl", "cache_len",
+    "build_s", "prefill_first_s", "compile_s", "capture_s", "prefill_capture_s", "compile", "prefill_graph", "decode_attention", "gemv_max_rows", "pdl", "cache_len",
     "device", "torch", "copy_tb_s", "gemm_tflop_s",
 ]
 
@@ -120,11 +117,6 @@ def ints(text: str) -> list[int]:
 
 def names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
-
-
-def unknown_engine_options(options: dict) -> list[str]:
-    """The options of a variant that the native engine does not take (yet)."""
-    return sorted(set(options) - ENGINE_OPTIONS)
 
 
 def variant_options(variant: str) -> dict:
@@ -221,9 +213,6 @@ def is_oom(exc: BaseException) -> bool:
 def measure_one(spec, variant, batch, prompt, args, device, timer, roof, with_prefill) -> dict:
     """Build the engine for one configuration and variant, time decode (and prefill)."""
     row = {"model": spec.name, "arch": spec.arch, "variant": variant, "batch": batch, "prompt": prompt}
-    unknown = unknown_engine_options(variant_options(variant))
-    if unknown:
-        return {**row, "status": "skipped: the engine has no option " + ", ".join(unknown)}
     if device.type == "cuda":
         need = spec.memory_bytes(batch, prompt + args.decode_tokens)
         have = torch.cuda.get_device_properties(device).total_memory
@@ -239,7 +228,7 @@ def measure_one(spec, variant, batch, prompt, args, device, timer, roof, with_pr
         row.update(
             build_s=setup["build_s"], prefill_first_s=setup.get("prefill_first_s"), compile_s=setup["compile_s"],
             capture_s=setup["capture_s"], prefill_capture_s=setup.get("prefill_capture_s"), compile=info["compile"],
-            prefill_graph=info.get("prefill_graph"), decode_attention=info["decode_attention"], gemv_max_rows=info["gemv_max_rows"], gemv_pdl=info.get("gemv_pdl"), cache_len=info["cache_len"],
+            prefill_graph=info.get("prefill_graph"), decode_attention=info["decode_attention"], gemv_max_rows=info["gemv_max_rows"], pdl=info.get("pdl"), cache_len=info["cache_len"],
         )
         steps = min(args.decode_steps, args.decode_tokens)
         if variant.startswith("eager"):

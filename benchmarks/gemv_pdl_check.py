@@ -1,7 +1,7 @@
 """The decode GEMV with programmatic dependent launch (PDL) on and off, on this GPU.
 
 A chain of about 200 products of real decode shapes, captured in one CUDA graph with PDL on
-and again with it off (phasewatt.models.gemv.set_pdl before the warm-up and the capture),
+and again with it off (phasewatt.models.pdl.set_pdl before the warm-up and the capture),
 each graph replayed and timed with CUDA events: time per product, the bytes the chain moves
 (weights, x, residual, y) per second, and that rate's share of the device-to-device copy
 bandwidth measured in the same run (decode_roofline's probe). Each product reads a prefix of
@@ -35,7 +35,7 @@ import torch
 
 from decode_roofline import Timer, copy_bandwidth, environment  # a sibling script: the same bandwidth probe
 from phasewatt.io import write_text
-from phasewatt.models import gemv
+from phasewatt.models import gemv, pdl as pdl_switch
 
 # (name, kernel variant, weight rows N (twice the output for rms_glu), K); rms: the norm's
 # weight folded into W as the engine runs batch 1; residual: a plain product with the
@@ -124,7 +124,7 @@ class Chain:
 
 def time_chain(chain: Chain, pdl: bool, reps: int) -> tuple[float, list[torch.Tensor]]:
     """(seconds per replay of the chain's graph, its outputs), PDL as given."""
-    gemv.set_pdl(pdl)
+    pdl_switch.set_pdl(pdl)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
     env = environment(device)
     copy_bytes_per_s = copy_bandwidth(device, Timer(device), 4 << 30)
     print(f"{env['device']}: copy {copy_bytes_per_s / 1e12:.3f} TB/s", flush=True)
-    switch = gemv.pdl_enabled()
+    switch = pdl_switch.pdl_enabled()
     rows: list[dict] = []
     try:
         for name in args.chains.split(","):
@@ -223,7 +223,7 @@ def main(argv=None) -> int:
             del chain
             torch.cuda.empty_cache()
     finally:
-        gemv.set_pdl(switch)
+        pdl_switch.set_pdl(switch)
     print(render(rows, env, copy_bytes_per_s, args)[0])
     return 0
 

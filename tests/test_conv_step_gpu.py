@@ -1,9 +1,12 @@
 """The decode step's causal convolution + SiLU as one Triton kernel, against the torch form in
-float32 (needs CUDA and Triton; skipped in CI). The CPU side of the op: test_linear_ops.py."""
+float32, and with the SSD step both launched with PDL (needs CUDA and Triton; skipped in CI).
+The CPU side of the op: test_linear_ops.py."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from _pdl_gpu import HOPPER, pdl_chain_matches_eager
 
 from phasewatt.models import linear_ops
 
@@ -121,3 +124,26 @@ def test_model_decode_on_cuda_matches_cpu(arch):
             steps.append(model.decode(torch.tensor([11 + t, 90 - t], device=device), torch.tensor([5 + t], device=device)))
         logits.append(torch.stack(steps).cpu())
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.skipif(not HOPPER, reason="PDL needs compute capability >= 9.0")
+def test_pdl_launches_wait_for_the_input_product():
+    """The conv step and then the SSD step (Mamba2's decode, gated), each launched with PDL
+    right after the kernel that writes its input, read what that kernel wrote: replays give
+    the bits of eager runs without PDL, states included."""
+    heads, p, n = 80, 64, 128
+    d_inner, conv_dim = heads * p, heads * p + 2 * n
+    state, weight, b, gen = conv_inputs(1, conv_dim, True, seed=3)
+    ssm = torch.randn(1, heads, n, p, device="cuda", generator=gen)
+    dt_bias, a_log, d_skip = (torch.rand(heads, device="cuda", generator=gen) for _ in range(3))
+
+    def make_state():
+        return {"conv": state.clone(), "ssm": ssm.clone()}
+
+    def run(proj, st):
+        z, xbc, dt_raw = proj.split([d_inner, conv_dim, heads], dim=-1)
+        xbc = linear_ops.causal_conv1d_step_silu(xbc, st["conv"], weight, b)
+        x, bb, cc = xbc.split([d_inner, n, n], dim=-1)
+        return linear_ops.mamba2_ssd_step(st["ssm"], x, bb, cc, dt_raw, dt_bias, a_log, d_skip, (0.0, float("inf")), heads, gate=z)
+
+    pdl_chain_matches_eager(make_state, run, k=2560, n=d_inner + conv_dim + heads)

@@ -4,6 +4,8 @@ skipped in CI)."""
 import pytest
 import torch
 
+from _pdl_gpu import HOPPER, pdl_chain_matches_eager
+
 from phasewatt.models import decode_attention as da
 from phasewatt.models.gqa import GQAModel
 from phasewatt.models.layers import precompute_rope
@@ -81,3 +83,20 @@ def test_fused_decode_in_a_compiled_graph_follows_the_position():
     diff = (logits["fused"] - logits["matmul"]).norm(dim=-1) / logits["matmul"].norm(dim=-1)
     assert float(diff.max()) < 2e-2
     assert float((logits["fused"].argmax(-1) == logits["matmul"].argmax(-1)).float().mean()) >= 0.9
+
+
+@pytest.mark.skipif(not HOPPER, reason="PDL needs compute capability >= 9.0")
+def test_pdl_launches_wait_for_the_qkv_product():
+    """Both kernels launched with PDL after the qkv GEMV (which lets them launch early) read
+    the qkv it writes, and the merge the partials: replays give the bits of eager runs without
+    PDL, caches included."""
+    heads, kv_heads, head_dim, cache_len, pos = 32, 8, 128, 640, 300
+    fixed = inputs(1, heads, kv_heads, head_dim, cache_len, pos, True, seed=5)
+
+    def make_state():
+        return {"k_cache": fixed[1].clone(), "v_cache": fixed[2].clone()}
+
+    def run(qkv, state):
+        return da.gqa_decode_attention(qkv, state["k_cache"], state["v_cache"], *fixed[3:])
+
+    pdl_chain_matches_eager(make_state, run, k=2560, n=(heads + 2 * kv_heads) * head_dim)

@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from phasewatt.engines.native import NativeEngine
 from phasewatt.errors import ConfigError
-from phasewatt.models import gemv
+from phasewatt.models import gemv, pdl
 from phasewatt.models.registry import build_model
 from phasewatt.models.spec import ModelSpec
 
@@ -330,28 +330,25 @@ def test_engine_accepts_gemv_max_rows(value):
 
 
 @pytest.mark.parametrize("value", ["yes", 1, None])
-def test_engine_rejects_bad_gemv_pdl(value):
-    with pytest.raises(ConfigError, match=r"engine_options\.gemv_pdl: .*allowed: true, false, auto"):
-        engine(gemv_pdl=value)
+def test_engine_rejects_bad_pdl(value):
+    with pytest.raises(ConfigError, match=r"engine_options\.pdl: .*allowed: true, false, auto"):
+        engine(pdl=value)
 
 
 def test_engine_sets_the_pdl_switch_at_every_setup_and_records_it():
     """The switch is process-wide: each engine sets it before capture, so an engine with PDL off
     after one with it on (or the reverse) captures what it asked for; on CPU no launch uses it."""
     try:
-        off = engine(gemv_max_rows=1, gemv_pdl=False)
+        off = engine(gemv_max_rows=1, pdl=False)
         off.setup()
-        assert gemv.pdl_enabled() is False
-        assert off.describe()["gemv_pdl"] is False
-        on = engine(gemv_max_rows=1, gemv_pdl="auto")
+        assert pdl.pdl_enabled() is False
+        assert off.describe()["pdl"] is False
+        on = engine(gemv_max_rows=1, pdl="auto")
         on.setup()
-        assert gemv.pdl_enabled() is True
-        assert on.describe()["gemv_pdl"] is False  # a CPU device: no PDL launch
-        no_gemv = engine(gemv_max_rows=0, gemv_pdl=True)
-        no_gemv.setup()
-        assert no_gemv.describe()["gemv_pdl"] is None
+        assert pdl.pdl_enabled() is True
+        assert on.describe()["pdl"] is False  # a CPU device: no PDL launch
     finally:
-        gemv.set_pdl(True)
+        pdl.set_pdl(True)
 
 
 def test_engine_auto_resolution(monkeypatch):
@@ -580,56 +577,16 @@ def test_committed_tables_name_only_kernel_variants():
             assert len(shape.split(",")) == 3 and set(gemv.CONFIG_KEYS) <= set(config), (path.name, key)
 
 
-# ----- programmatic dependent launch: when the kernel uses it -------------------------------------
-@pytest.fixture
-def pdl_switch():
-    """Leaves the module's PDL switch as it found it."""
-    before = gemv.pdl_enabled()
-    yield
-    gemv.set_pdl(before)
-
-
-PDL_ON = {"EARLY_W": True, "USE_PDL": True, "launch_pdl": True}
-PDL_OFF = {"EARLY_W": False, "USE_PDL": False, "launch_pdl": False}
-
-
-@pytest.mark.parametrize("capability,enabled,interpreted,expected", [
-    ((9, 0), True, False, PDL_ON),      # H100 / H200
-    ((10, 0), True, False, PDL_ON),     # Blackwell
-    ((8, 9), True, False, PDL_OFF),     # Ada: no griddepcontrol
-    ((8, 0), True, False, PDL_OFF),     # A100
-    ((9, 0), False, False, PDL_OFF),    # switched off
-    ((9, 0), True, True, PDL_OFF),      # the interpreter has no inline assembly
-    (None, True, False, PDL_OFF),       # not a CUDA device
-])
-def test_pdl_launch_args_only_on_hopper_and_later_when_switched_on(capability, enabled, interpreted, expected):
-    assert gemv.pdl_launch_args(capability, enabled, interpreted) == expected
-
-
-def test_pdl_switch_round_trip(pdl_switch):
-    assert gemv.pdl_active(torch.device("cpu")) is False  # no kernel on CPU (and no triton import)
-    gemv.set_pdl(False)
-    assert gemv.pdl_enabled() is False
-    gemv.set_pdl(True)
-    assert gemv.pdl_enabled() is True
-    for value in (0, 1, "auto", None):
-        with pytest.raises(TypeError, match="bool"):
-            gemv.set_pdl(value)
-    assert gemv.pdl_enabled() is True
-
-
-def test_decode_roofline_has_a_no_pdl_variant_and_skips_options_the_engine_lacks(monkeypatch):
-    """compile-nopdl is compile with gemv_pdl off; a variant naming an engine option the engine
-    does not have becomes a skipped row (not a crash mid-run)."""
+# ----- programmatic dependent launch -------------------------------------------------------------
+def test_decode_roofline_variants_are_engine_options():
+    """compile-nopdl is compile with pdl off; every variant's options are ones the engine takes."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import decode_roofline
+    from phasewatt.engines.native import resolve_options
 
-    assert decode_roofline.variant_options("compile-nopdl") == {**decode_roofline.variant_options("compile"), "gemv_pdl": False}
-    monkeypatch.setattr(decode_roofline, "ENGINE_OPTIONS", {"cuda_graph", "compile"})
-    assert decode_roofline.unknown_engine_options({"cuda_graph": True, "compile": "auto", "gemv_pdl": False}) == ["gemv_pdl"]
-    spec = ModelSpec.from_config("tiny-gqa", TINY["gqa"])
-    row = decode_roofline.measure_one(spec, "compile-nopdl", 1, 8, None, torch.device("cpu"), None, None, False)
-    assert row["status"] == "skipped: the engine has no option gemv_pdl"
+    assert decode_roofline.variant_options("compile-nopdl") == {**decode_roofline.variant_options("compile"), "pdl": False}
+    for variant in decode_roofline.VARIANTS:
+        resolve_options(decode_roofline.variant_options(variant))
 
 
 def test_pdl_check_chain_reads_the_previous_output_where_wide_enough():

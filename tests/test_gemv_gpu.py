@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from phasewatt.models import gemv
+from phasewatt.models import gemv, pdl as pdl_switch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -194,24 +194,24 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 
 @pytest.fixture
 def pdl_launches(monkeypatch):
     """Records the PDL arguments of every kernel launch; leaves the switch as it found it."""
-    before = gemv.pdl_enabled()
+    before = pdl_switch.pdl_enabled()
     seen = []
-    launch_args = gemv._launch_pdl_args
+    launch_args = gemv._launch_args
 
     def recording(device):
         args = launch_args(device)
         seen.append(args["launch_pdl"])
         return args
 
-    monkeypatch.setattr(gemv, "_launch_pdl_args", recording)
+    monkeypatch.setattr(gemv, "_launch_args", recording)
     yield seen
-    gemv.set_pdl(before)
+    pdl_switch.set_pdl(before)
 
 
 def with_pdl(enabled: bool, fn, launches: list):
     """fn() with the switch set; checks that its launches used PDL exactly when the GPU has it."""
-    gemv.set_pdl(enabled)
-    assert gemv.pdl_active(torch.device("cuda")) == (enabled and HOPPER)
+    pdl_switch.set_pdl(enabled)
+    assert pdl_switch.pdl_active(torch.device("cuda")) == (enabled and HOPPER)
     launches.clear()
     out = fn()
     torch.cuda.synchronize()
@@ -306,7 +306,7 @@ def test_pdl_orders_reads_in_a_replayed_graph(pdl, pdl_launches):
     x, delta = torch.zeros(1, d, **kw), torch.zeros(1, d, **kw)
     chain = lambda: decode_like_chain(x, delta, weights, norm_weight, layers)  # noqa: E731
 
-    gemv.set_pdl(pdl)
+    pdl_switch.set_pdl(pdl)
     chain()  # compile the kernels outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()

@@ -17,7 +17,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("runs the kernel in Triton's interpreter: needs TRITON_INTERPRET=1", allow_module_level=True)
 pytest.importorskip("triton")
 
-from phasewatt.models import gemv  # noqa: E402
+from phasewatt.models import gemv, pdl  # noqa: E402
 
 EPS = 1e-6
 # (K, config): K a multiple of BLOCK_K (EVEN_K, 3 tiles), not (2 tiles, the second part-filled),
@@ -80,7 +80,7 @@ def inputs(variant: str, rows: int, k: int, seed: int) -> tuple:
 
 def run_kernel(x, weight, config, kwargs, early_w: bool, monkeypatch):
     """triton_gemv with the first weight tile peeled off the loop (early_w) or not."""
-    monkeypatch.setattr(gemv, "pdl_launch_args", lambda capability, enabled, interpreted: {"EARLY_W": early_w, "USE_PDL": False, "launch_pdl": False})
+    monkeypatch.setattr(gemv, "_launch_args", lambda device: {"EARLY_W": early_w, "USE_PDL": False, "launch_pdl": False})
     kw = dict(kwargs)
     offset = kw.pop("offset")
     return gemv.triton_gemv(x, weight, config, eps=EPS, norm_offset=offset, **kw)
@@ -108,5 +108,5 @@ def test_peeled_first_tile_matches_the_loop_and_torch(variant, rows, k, config, 
 
 def test_interpreted_launch_never_uses_pdl():
     """Under the interpreter the launch arguments turn PDL off whatever the switch says."""
-    gemv.set_pdl(True)
-    assert gemv._launch_pdl_args(torch.device("cpu")) == {"EARLY_W": False, "USE_PDL": False, "launch_pdl": False}
+    pdl.set_pdl(True)
+    assert gemv._launch_args(torch.device("cpu")) == {"EARLY_W": False, "USE_PDL": False, "launch_pdl": False}

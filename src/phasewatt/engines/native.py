@@ -21,8 +21,9 @@ from contextlib import nullcontext
 
 from phasewatt.errors import ConfigError
 from phasewatt.models.decoder import ALL_DECODE_ATTENTION
-from phasewatt.models.gemv import AUTO_ROWS as GEMV_AUTO_ROWS, MAX_ROWS as GEMV_MAX_ROWS, fold_norm_weights, pdl_active, set_pdl, use_gemv
+from phasewatt.models.gemv import AUTO_ROWS as GEMV_AUTO_ROWS, MAX_ROWS as GEMV_MAX_ROWS, fold_norm_weights, use_gemv
 from phasewatt.models.loader import load_checkpoint
+from phasewatt.models.pdl import pdl_active, set_pdl
 from phasewatt.models.registry import build_model, model_class
 
 DEFAULT_OPTIONS = {
@@ -36,7 +37,7 @@ DEFAULT_OPTIONS = {
     "coordinate_descent_tuning": True,  # inductor's tuning that turns batch-1 GEMVs into fused reductions
     "gemv_fuse": True,  # norms, SiLU*up and residual adds fused into the GEMV kernel, norm weights folded
     "gemv_max_rows": "auto",  # products of at most this many rows through the Triton GEMV (0: off; auto: see models.gemv)
-    "gemv_pdl": "auto",  # GEMVs launched with programmatic dependent launch: auto/true = where the GPU has it (sm_90+), false = never
+    "pdl": "auto",  # the decode step's Triton kernels launched with programmatic dependent launch: auto/true = where the GPU has it (sm_90+), false = never
 }
 COMPILE_CHOICES = (True, False, "auto")
 
@@ -67,8 +68,8 @@ def resolve_options(options: dict | None) -> dict:
         raise ConfigError(f"engine_options.coordinate_descent_tuning: {resolved['coordinate_descent_tuning']!r}; allowed: true, false")
     if not isinstance(resolved["gemv_fuse"], bool):
         raise ConfigError(f"engine_options.gemv_fuse: {resolved['gemv_fuse']!r}; allowed: true, false")
-    if resolved["gemv_pdl"] not in COMPILE_CHOICES or not isinstance(resolved["gemv_pdl"], (bool, str)):
-        raise ConfigError(f"engine_options.gemv_pdl: {resolved['gemv_pdl']!r}; allowed: true, false, auto")
+    if resolved["pdl"] not in COMPILE_CHOICES or not isinstance(resolved["pdl"], (bool, str)):
+        raise ConfigError(f"engine_options.pdl: {resolved['pdl']!r}; allowed: true, false, auto")
     rows = resolved["gemv_max_rows"]
     if rows != "auto" and (not isinstance(rows, int) or isinstance(rows, bool) or not 0 <= rows <= GEMV_MAX_ROWS):
         raise ConfigError(f"engine_options.gemv_max_rows: {rows!r}; allowed: auto or an integer 0..{GEMV_MAX_ROWS}")
@@ -109,7 +110,7 @@ class NativeEngine:
         self.prefill_graph_error = None
         self.gemv_max_rows = 0
         self.norms_folded = 0
-        self.gemv_pdl = False
+        self.pdl = False
 
     def _compile_how(self) -> str:
         """none | regional (the model's compile_decode) | whole (torch.compile of decode)."""
@@ -154,8 +155,8 @@ class NativeEngine:
         use_gemv(self.model, self.gemv_max_rows, fuse=self.options["gemv_fuse"])
         # The switch is process-wide and read at launch: set by every engine before it warms up
         # and captures, so one engine's choice never leaks into the next one's graphs.
-        set_pdl(self.options["gemv_pdl"] is not False)
-        self.gemv_pdl = bool(self.gemv_max_rows) and pdl_active(self.device)
+        set_pdl(self.options["pdl"] is not False)
+        self.pdl = pdl_active(self.device)
         if self.options["gemv_fuse"] and self.batch <= self.gemv_max_rows:
             self.norms_folded = fold_norm_weights(self.model)
         if self.compile_how != "none" or self.compile_prefill:
@@ -351,7 +352,7 @@ class NativeEngine:
             "gemv_max_rows": self.gemv_max_rows,
             "gemv_fuse": self.options["gemv_fuse"] if self.gemv_max_rows else None,
             "norms_folded": self.norms_folded,
-            "gemv_pdl": self.gemv_pdl if self.gemv_max_rows else None,
+            "pdl": self.pdl,
             "coordinate_descent_tuning": self.options["coordinate_descent_tuning"] if self.compile_how != "none" or self.compile_prefill else None,
             "cache_len": getattr(self.model, "cache_len", None),
             "checkpoint": str(self.checkpoint) if self.checkpoint else None,

@@ -23,6 +23,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from phasewatt.models import pdl
 from phasewatt.models.layers import apply_rope, decode_mask, rms_norm
 
 # Cache positions per inner step of kernel 1 (cache lengths are multiples of 64: decoder.py).
@@ -135,6 +136,7 @@ def triton_attend(qkv, k_cache, v_cache, input_pos, cos, sin, q_norm_weight, k_n
     partial_out = torch.empty(batch, n_heads, slices, head_dim, device=qkv.device, dtype=torch.float32)
     qk_norm = q_norm_weight is not None
     partial, merge = _kernels()
+    launch = pdl.launch_args(qkv.device)
     partial[(batch * n_kv_heads, slices)](
         qkv, k_cache, v_cache, input_pos, cos, sin,
         q_norm_weight if qk_norm else qkv, k_norm_weight if qk_norm else qkv,
@@ -142,12 +144,12 @@ def triton_attend(qkv, k_cache, v_cache, input_pos, cos, sin, q_norm_weight, k_n
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), cos.stride(0),
         float(eps), float(scale), slice_len, slices,
         N_HEADS=n_heads, N_KV_HEADS=n_kv_heads, GROUP=group, BLOCK_G=max(16, 1 << group.bit_length()),
-        HEAD_DIM=head_dim, BLOCK_L=BLOCK_POSITIONS, QK_NORM=qk_norm, num_warps=4,
+        HEAD_DIM=head_dim, BLOCK_L=BLOCK_POSITIONS, QK_NORM=qk_norm, num_warps=4, **launch,
     )
     out = torch.empty(batch, n_heads * head_dim, device=qkv.device, dtype=qkv.dtype)
     merge[(batch * n_heads,)](
         partial_max, partial_sum, partial_out, out, slices,
-        HEAD_DIM=head_dim, BLOCK_S=max(2, 1 << (slices - 1).bit_length()), num_warps=4,
+        HEAD_DIM=head_dim, BLOCK_S=max(2, 1 << (slices - 1).bit_length()), num_warps=4, **launch,
     )
     return out
 
@@ -165,8 +167,11 @@ def _kernels():
         stride_qkv, stride_cache_b, stride_cache_h, stride_cache_l, stride_cos,
         eps, scale, slice_len, slices,
         N_HEADS: tl.constexpr, N_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
-        HEAD_DIM: tl.constexpr, BLOCK_L: tl.constexpr, QK_NORM: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_L: tl.constexpr, QK_NORM: tl.constexpr, USE_PDL: tl.constexpr,
     ):
+        if USE_PDL:  # launched with PDL (models/pdl.py): wait for the previous kernel first
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         seq = tl.program_id(0) // N_KV_HEADS
         kv_head = tl.program_id(0) % N_KV_HEADS
         part = tl.program_id(1)
@@ -227,7 +232,12 @@ def _kernels():
         tl.store(out_ptr + (heads * slices + part)[:, None] * HEAD_DIM + rd[None, :], acc, mask=g_ok[:, None])
 
     @triton.jit
-    def merge_kernel(max_ptr, sum_ptr, out_ptr, y_ptr, slices, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+    def merge_kernel(
+        max_ptr, sum_ptr, out_ptr, y_ptr, slices, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr,
+    ):
+        if USE_PDL:  # launched with PDL (models/pdl.py): wait for the previous kernel first
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         head = tl.program_id(0)  # sequence * N_HEADS + query head: y is [B, H * D]
         rs = tl.arange(0, BLOCK_S)
         rd = tl.arange(0, HEAD_DIM)

@@ -15,7 +15,7 @@ whose down product is then a plain one). Block sizes per (variant, rows, N, K) c
 table measured on each GPU model by benchmarks/gemv_sweep.py (gemv_configs/<GPU name>.json),
 else a size rule.
 
-On Hopper and later the kernel is launched with programmatic dependent launch (set_pdl): it
+On Hopper and later the kernel is launched with programmatic dependent launch (models/pdl.py): it
 starts while the kernel before it finishes, loads its first weight tile, then waits for that
 kernel before reading x or writing anything, so its ramp-up overlaps the other's tail.
 
@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from phasewatt.models import pdl
 
 CONFIG_DIR = Path(__file__).with_name("gemv_configs")
 CONFIG_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
@@ -101,65 +103,6 @@ def config_for(device_name: str, rows: int, n: int, k: int, variant: str = "plai
     if variant.endswith("_glu"):
         config["BLOCK_N"] = max(1, config["BLOCK_N"] // 2)
     return config
-
-
-# ----- programmatic dependent launch (Hopper and later) -----------------------------------------
-# With PDL a product launches while the kernel before it finishes and loads its first weight
-# tile (never written by a decode step's kernels) before waiting for it: a kernel's ramp-up
-# overlaps its predecessor's tail. On by default where the GPU has it; the native engine sets
-# it from its gemv_pdl option before it warms up or captures (a captured graph keeps the
-# launches it recorded, whatever the switch says later).
-PDL_MIN_CAPABILITY = 9
-_pdl_switch = {"enabled": True}
-
-
-def set_pdl(enabled: bool) -> None:
-    """Launch the kernel with PDL where the GPU supports it (True) or never (False)."""
-    if not isinstance(enabled, bool):
-        raise TypeError(f"set_pdl: enabled must be a bool, got {enabled!r}")
-    _pdl_switch["enabled"] = enabled
-
-
-def pdl_enabled() -> bool:
-    """The switch set_pdl sets (whether a launch uses PDL also depends on the GPU)."""
-    return _pdl_switch["enabled"]
-
-
-def pdl_launch_args(capability: tuple[int, int] | None, enabled: bool, interpreted: bool) -> dict:
-    """The kernel's PDL arguments: EARLY_W (first weight tile before any input), USE_PDL (the
-    grid-dependency wait and trigger) and launch_pdl (Triton's launch attribute), all on only
-    when the switch is on, the GPU's compute capability is >= 9.0 and the kernel is compiled
-    (the interpreter has no inline assembly). capability None: not a CUDA device."""
-    use = enabled and not interpreted and capability is not None and capability[0] >= PDL_MIN_CAPABILITY
-    return {"EARLY_W": use, "USE_PDL": use, "launch_pdl": use}
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(device_index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device_index)
-
-
-@functools.lru_cache(maxsize=1)
-def _interpreted() -> bool:
-    """Whether the kernel runs in Triton's interpreter (TRITON_INTERPRET=1 when it was built)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_kernel(), InterpretedFunction)
-
-
-def _launch_pdl_args(device: torch.device) -> dict:
-    """pdl_launch_args for a launch on `device`."""
-    interpreted = _interpreted()
-    capability = None
-    if device.type == "cuda" and not interpreted:
-        capability = _capability(device.index if device.index is not None else torch.cuda.current_device())
-    return pdl_launch_args(capability, pdl_enabled(), interpreted)
-
-
-def pdl_active(device: torch.device) -> bool:
-    """Whether launches of the kernel on `device` use PDL now: a CUDA device of compute
-    capability >= 9.0, the switch on, the kernel compiled (what the engine records)."""
-    return device.type == "cuda" and _launch_pdl_args(device)["launch_pdl"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -305,6 +248,13 @@ def _kernel():
     return gemv_kernel
 
 
+def _launch_args(device: torch.device) -> dict:
+    """PDL's launch arguments (models/pdl.py), plus EARLY_W: the first weight tile loaded
+    before the wait, whenever the kernel waits at all."""
+    args = pdl.launch_args(device)
+    return {**args, "EARLY_W": args["USE_PDL"]}
+
+
 def triton_gemv(
     x: torch.Tensor, weight: torch.Tensor, config: dict | None = None, *, delta=None, gate=None, norm_weight=None,
     rms: bool = False, eps: float = 0.0, norm_offset: float = 0.0, glu: bool = False, residual=None,
@@ -355,7 +305,7 @@ def triton_gemv(
         BLOCK_M=rows_bucket(rows), BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], EVEN_K=k % config["BLOCK_K"] == 0,
         NORM=norm, NORM_WEIGHT=norm_weight is not None, HAS_DELTA=delta is not None, GATE=gate is not None,
         GLU=glu, HAS_RESIDUAL=residual is not None,
-        num_warps=config["num_warps"], num_stages=config["num_stages"], **_launch_pdl_args(x.device),
+        num_warps=config["num_warps"], num_stages=config["num_stages"], **_launch_args(x.device),
     )
     return y.view(*x.shape[:-1], n), (total.view(x.shape) if total is not None else None)
 

@@ -24,6 +24,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from phasewatt.models import pdl
+
 GDN_CHUNK_SIZE = 64
 L2_NORM_EPS = 1e-6
 BACKENDS = ("auto", "torch", "fla")
@@ -145,7 +147,7 @@ def triton_conv_step_silu(x: torch.Tensor, conv_state: torch.Tensor, weight: tor
         x, conv_state, weight, weight if bias is None else bias, out,
         channels, x.stride(0), x.stride(1), conv_state.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
         WIDTH=width, W_PAD=1 << (width - 1).bit_length(), BLOCK_C=CONV_STEP_BLOCK_C, HAS_BIAS=bias is not None,
-        num_warps=4,
+        num_warps=4, **pdl.launch_args(x.device),
     )
     return out
 
@@ -159,8 +161,11 @@ def _conv_step_kernel():
     def conv_step_kernel(
         x_ptr, state_ptr, weight_ptr, bias_ptr, out_ptr,
         channels, stride_x, stride_x_c, stride_state, stride_w, stride_w_tap, stride_out,
-        WIDTH: tl.constexpr, W_PAD: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr,
+        WIDTH: tl.constexpr, W_PAD: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr,
     ):
+        if USE_PDL:  # launched with PDL (models/pdl.py): wait for the previous kernel first
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         # Window column j < WIDTH-1 is state column j, column WIDTH-1 is x; the new state
         # column j is window column j+1, so the window is stored one column to the left.
         seq = tl.program_id(0)
@@ -382,6 +387,7 @@ def _mamba2_ssd_step_op(
         x.stride(0), b.stride(0), c.stride(0), dt_raw.stride(0), state.stride(0), y.stride(0),
         x.stride(0) if gate is None else gate.stride(0),
         heads_per_group, dt_min, dt_max, N=n, P=p, BLOCK_P=block_p, GATE=gate is not None, num_warps=4,
+        **pdl.launch_args(x.device),
     )
     return y
 
@@ -411,8 +417,11 @@ def _ssd_step_kernel():
     def ssd_step_kernel(
         x_ptr, b_ptr, c_ptr, dt_ptr, dt_bias_ptr, a_log_ptr, d_ptr, state_ptr, y_ptr, z_ptr,
         stride_x, stride_b, stride_c, stride_dt, stride_state, stride_y, stride_z, heads_per_group, dt_min, dt_max,
-        N: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr, GATE: tl.constexpr,
+        N: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr, GATE: tl.constexpr, USE_PDL: tl.constexpr,
     ):
+        if USE_PDL:  # launched with PDL (models/pdl.py): wait for the previous kernel first
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         seq = tl.program_id(0)
         head = tl.program_id(1)
         rp = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
