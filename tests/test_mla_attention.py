@@ -2,6 +2,9 @@
 expanded per head, its registration as a mutating custom op, the layer's and engine's choice of
 it (the Triton kernels themselves: test_mla_attention_gpu.py)."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -191,3 +194,68 @@ def test_fused_is_one_of_the_mla_decode_attentions():
     assert MLAModel.decode_attentions == ("sdpa", "matmul", "fused")
     with pytest.raises(ConfigError, match="decode_attention: 'flash'; allowed for mla: sdpa, matmul, fused"):
         tiny_model().set_decode_attention("flash")
+
+
+def test_block_sizes_by_batch_and_keyword():
+    """Defaults split finer at small batch; keywords override them; blocks that tile kv_lora or
+    v_dim are capped at it."""
+    small, large = ma.block_sizes(1, 256, 64), ma.block_sizes(ma.SMALL_BATCH + 1, 256, 64)
+    assert (small["merge_seqs"], small["merge_v_block"], small["partial_positions"]) == (1, ma.MERGE_V_BLOCK, ma.PARTIAL_POSITIONS_SMALL)
+    assert (large["merge_seqs"], large["merge_v_block"], large["partial_positions"]) == (ma.BLOCK_SEQS, 64, ma.PARTIAL_POSITIONS)
+    assert ma.block_sizes(1, 256, 64, merge_seqs=16)["merge_v_block"] == 64
+    assert ma.block_sizes(32, 256, 64, merge_seqs=1)["merge_v_block"] == ma.MERGE_V_BLOCK
+    given = ma.block_sizes(1, 128, 32, absorb_channels=512, partial_heads=32, partial_positions=16, partial_warps=8,
+                           partial_stages=1, merge_seqs=32, merge_v_block=64, merge_warps=2)
+    assert given == dict(absorb_channels=128, partial_heads=32, partial_positions=16, partial_warps=8, partial_stages=1,
+                         merge_seqs=32, merge_v_block=32, merge_warps=2)
+
+
+@pytest.mark.parametrize("keyword,value,allowed", [
+    ("merge_v_block", 24, "powers of two >= 16"),   # would not tile v_dim
+    ("merge_v_block", 8, "powers of two >= 16"),    # too narrow for the batched merge's product
+    ("partial_positions", 48, "powers of two >= 16"),
+    ("partial_heads", 8, "powers of two >= 16"),
+    ("absorb_channels", 0, "powers of two >= 16"),
+    ("merge_seqs", 8, "1 or powers of two >= 16"),
+    ("partial_warps", 3, "1, 2, 4, 8, 16"),
+    ("partial_stages", 0, "integers >= 1"),
+])
+def test_block_sizes_refuse_blocks_the_kernels_cannot_take(keyword, value, allowed):
+    with pytest.raises(ValueError, match=f"{keyword} {value}; allowed: {allowed}"):
+        ma.block_sizes(1, 256, 64, **{keyword: value})
+
+
+@pytest.mark.parametrize("batch,head_blocks,cache_len,positions", [(1, 3, 640, 32), (1, 3, 2176, 16), (32, 3, 640, 64), (8, 1, 192, 128)])
+def test_partial_slices_cover_the_cache_in_whole_blocks(batch, head_blocks, cache_len, positions):
+    slices, slice_len = ma.partial_slices(batch, head_blocks, cache_len, 132, positions)
+    assert slice_len % positions == 0
+    assert (slices - 1) * slice_len < cache_len <= slices * slice_len
+    if slice_len > positions:  # longer slices only when the programs would otherwise exceed the target
+        assert batch * head_blocks * slices * slice_len // positions >= 132 * 2
+
+
+def test_bench_sweeps_distinct_block_sizes_and_combines_the_winners():
+    """benchmarks/mla_attention_bench.py's plan on CPU: bytes per call, one-keyword variants that
+    each change the kernels' block sizes, and the combined row from those that beat the default."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import mla_attention_bench as bench
+
+    dims = bench.MINICPM3
+    assert bench.call_bytes(1, 512, dims) == 2 * (40 * 128 * 256 + 513 * 288)
+    for batch in (1, 32):
+        variants = bench.sweep_variants(batch, dims)
+        resolved = [ma.block_sizes(batch, 256, 64, **kw) for _, kw in variants]
+        assert ma.block_sizes(batch, 256, 64) not in resolved and len(set(map(str, resolved))) == len(resolved)
+        # the kernels' block sizes before they took keywords: the defaults above SMALL_BATCH
+        assert (("previous blocks", bench.PREVIOUS) in variants) is (batch <= ma.SMALL_BATCH)
+    assert {"merge_seqs": 16} in [kw for _, kw in bench.sweep_variants(1, dims)]
+    assert {"merge_seqs": 1} not in [kw for _, kw in bench.sweep_variants(1, dims)]  # the default at batch 1
+
+    def row(us, **keywords):
+        return {"batch": 1, "cache": 640, "status": "ok", "impl": "fused", "keywords": keywords,
+                "blocks": bench.label_of(keywords), "us_per_layer": us}
+
+    rows = [row(10.0), row(9.0, partial_positions=16), row(8.0, partial_positions=64), row(11.0, merge_warps=8),
+            row(9.5, merge_v_block=32), row(1.0, merge_v_block=32, partial_positions=64), dict(row(1.0, merge_warps=2), cache=2176)]
+    assert bench.combined_best(rows, 1, 640) == {"merge_v_block": 32, "partial_positions": 64}
+    assert bench.combined_best(rows[1:], 1, 640) == {}  # no default row: nothing to beat

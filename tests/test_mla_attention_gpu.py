@@ -45,12 +45,13 @@ def inputs(batch, dims, cache_len, pos, interleaved, seed=0):
     return q, kv_a, latent, pos, cos, sin, norm, kv_b, 1e-6, heads, nope, v_dim, (nope + rope) ** -0.5, interleaved
 
 
-def assert_kernels_match_the_torch_form(batch, dims, cache_len, pos, interleaved, sm_count=None):
-    """sm_count: what the cache split is made for (None: the GPU's; small: few, long slices)."""
+def assert_kernels_match_the_torch_form(batch, dims, cache_len, pos, interleaved, sm_count=None, **blocks):
+    """sm_count: what the cache split is made for (None: the GPU's; small: few, long slices);
+    blocks: triton_attend's block-size keywords."""
     ref_args = inputs(batch, dims, cache_len, pos, interleaved)
     args = inputs(batch, dims, cache_len, pos, interleaved)
     expected = ma.attend_torch(*ref_args)
-    out = ma.triton_attend(*args, sm_count=sm_count or (132 if INTERPRETED else None))
+    out = ma.triton_attend(*args, sm_count=sm_count or (132 if INTERPRETED else None), **blocks)
     assert out.shape == expected.shape and out.dtype == DTYPE
     assert float((out.float() - expected.float()).norm() / expected.float().norm()) < 1e-2
     latent, ref_latent = args[2], ref_args[2]
@@ -86,6 +87,32 @@ INTERPRETER_CASES = [
 @pytest.mark.parametrize("batch,dims,cache_len,pos,sm_count", INTERPRETER_CASES if INTERPRETED else CASES)
 def test_kernels_match_the_torch_form(batch, dims, cache_len, pos, sm_count, interleaved):
     assert_kernels_match_the_torch_form(batch, dims, cache_len, pos, interleaved, sm_count)
+
+
+# Each block-size keyword at values that change the kernels' code or tiling, away from the
+# defaults the cases above take (batch <= SMALL_BATCH: one-sequence merge split over v, 32
+# positions; above: 16-sequence merge of the whole v_dim, 64 positions).
+BLOCK_CASES = [
+    (3, dict(merge_seqs=16)),                      # the batched merge at a small batch (rows past the batch)
+    (17, dict(merge_seqs=1)),                      # the one-sequence merge at a large batch
+    (17, dict(merge_seqs=16, merge_v_block=16)),   # the batched merge split over v
+    (1, dict(merge_v_block=64)),                   # capped at v_dim: one program per head
+    (1, dict(partial_positions=16)),               # 40 slices of 16: two merge chunks
+    (2, dict(partial_positions=128)),              # one step longer than some slices' valid rows
+    (1, dict(partial_heads=32)),                   # fewer, part-filled head blocks
+    (1, dict(absorb_channels=16)),                 # many channel blocks
+    (1, dict(absorb_channels=512)),                # capped at kv_lora: one channel block
+    (1, dict(partial_warps=8, partial_stages=1, merge_warps=8)),
+    (1, dict(partial_warps=2, partial_stages=4, merge_warps=2)),
+]
+
+
+@pytest.mark.parametrize("batch,blocks", BLOCK_CASES, ids=[f"b{b}-" + "-".join(f"{k}{v}" for k, v in kw.items()) for b, kw in BLOCK_CASES])
+def test_block_size_keywords_keep_the_output(batch, blocks):
+    """At a position past most of a cache long enough for > MERGE_SLICE_CHUNK slices of 16
+    positions at batch 1 (so the one-sequence merge takes two chunks, the second part-filled)."""
+    dims = SMALL if INTERPRETED else MINICPM3
+    assert_kernels_match_the_torch_form(batch, dims, 640, 600, False, sm_count=132, **blocks)
 
 
 def mla_spec(**over):

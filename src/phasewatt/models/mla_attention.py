@@ -6,16 +6,23 @@ products around a softmax and W_UV) ran as ~10 small kernels per layer, which he
 at batch 1 to ~47% of copy bandwidth on an H200. Here it is three Triton kernels:
 
 1. absorb, one program per (block of sequences, head, block of latent channels): q_lat =
-   q_nope W_UK[h] and the rotated q_pe into a query buffer [B, H, kv_lora + rope]; the first
-   program of each block of sequences also writes their new cache entry (the normed latent and
-   the rotated shared key) at the position.
+   q_nope W_UK[h] into a query buffer [B, H, kv_lora + rope]; one more program per (block of
+   sequences, head) writes the rotated q_pe there and, for head 0, the sequences' new cache
+   entry (the normed latent and the rotated shared key) at the position.
 2. partial, one program per (sequence, block of heads, slice of the cache), split over the
    cache length as in flash-decoding so that batch 1 still fills the GPU: the block's heads
    share each cached row (one [kv_lora + rope] key, its first kv_lora channels the value),
    attend over the slice with an online softmax and write their partial (max, sum, output)
    in float32.
-3. merge, one program per (block of sequences, head): the slices' partials -> the latent
-   output, rounded, times W_UV[h] -> the head's [v] output.
+3. merge, one program per (block of sequences, head, block of v channels): the slices'
+   partials -> the latent output, rounded, times those channels of W_UV[h]. At small batch a
+   program takes one sequence, loads a chunk of up to MERGE_SLICE_CHUNK slices' partials at
+   once and reduces them without a tensor-core product (a loop over the slices would wait on
+   one load after another).
+
+At batch 1 the three are latency-bound (MiniCPM3-4B on an H200: ~13 us per layer where their
+~2.6 MB would take ~0.6 us), so the defaults split the work finer at small batch (block_sizes);
+triton_attend takes every block size as a keyword, for benchmarks/mla_attention_bench.py.
 
 phasewatt::mla_decode_attention wraps them as one call that mutates the latent cache; on CPU
 tensors it is the torch maths (attend_torch), which the layer's sdpa/matmul paths also run and
@@ -29,16 +36,83 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from phasewatt.models.decode_attention import BLOCK_POSITIONS, cache_slices
+from phasewatt.models.decode_attention import PROGRAMS_PER_SM
 from phasewatt.models.layers import apply_rope, decode_mask, rms_norm
 
-# Heads that share each cached row in the partial kernel (a tensor-core product needs >= 16 rows).
-BLOCK_HEADS = 16
-# Sequences per program of the absorb and merge kernels (their per-head products, ditto).
-BLOCK_SEQS = 16
+# Block sizes: triton_attend's keywords default to these (benchmarks/mla_attention_bench.py
+# sweeps them). At most SMALL_BATCH sequences the kernels are latency-bound (too few programs
+# to keep enough loads in flight), so they split their work finer there.
+SMALL_BATCH = 8
 # Latent channels per absorb program: at batch 1 the heads alone would give too few programs
 # to read W_UK fast.
 ABSORB_CHANNELS = 64
+# Heads that share each cached row in the partial kernel (a tensor-core product needs >= 16 rows).
+BLOCK_HEADS = 16
+# Cache positions per partial step (and the unit of its slices), above / at most SMALL_BATCH:
+# shorter slices at small batch give more programs, each with fewer rows to wait for.
+PARTIAL_POSITIONS = 64
+PARTIAL_POSITIONS_SMALL = 32
+PARTIAL_WARPS = 4
+PARTIAL_STAGES = 3
+# Sequences per program of the absorb kernel, and of the merge kernel above SMALL_BATCH (their
+# per-head products, ditto); at most SMALL_BATCH the merge takes one sequence per program and
+# reduces without a tensor-core product, loading all of a chunk's slices at once.
+BLOCK_SEQS = 16
+# v channels per merge program: one sequence's head split over v_dim / MERGE_V_BLOCK programs
+# (batch 1 has only H heads); above SMALL_BATCH a program takes the head's whole v_dim, so the
+# slices' partials are read once per head.
+MERGE_V_BLOCK = 16
+MERGE_WARPS = 4
+# Slices a one-sequence merge program loads per step (a [chunk, kv_lora] float32 tile).
+MERGE_SLICE_CHUNK = 32
+
+
+def _power_of_two(n) -> bool:
+    return isinstance(n, int) and n > 0 and not n & (n - 1)
+
+
+def block_sizes(batch: int, kv_lora: int, v_dim: int, absorb_channels: int | None = None, partial_heads: int | None = None,
+                partial_positions: int | None = None, partial_warps: int | None = None, partial_stages: int | None = None,
+                merge_seqs: int | None = None, merge_v_block: int | None = None, merge_warps: int | None = None) -> dict:
+    """The kernels' block sizes for a batch: each keyword given as a power of two (merge_seqs 1
+    or >= 16; block sizes that feed a tensor-core product >= 16), None for the default above;
+    absorb_channels and merge_v_block are capped at kv_lora and v_dim (powers of two, so the
+    blocks tile them exactly)."""
+    small = batch <= SMALL_BATCH
+    sizes = {
+        "absorb_channels": ABSORB_CHANNELS if absorb_channels is None else absorb_channels,
+        "partial_heads": BLOCK_HEADS if partial_heads is None else partial_heads,
+        "partial_positions": (PARTIAL_POSITIONS_SMALL if small else PARTIAL_POSITIONS) if partial_positions is None else partial_positions,
+        "partial_warps": PARTIAL_WARPS if partial_warps is None else partial_warps,
+        "partial_stages": PARTIAL_STAGES if partial_stages is None else partial_stages,
+        "merge_seqs": (1 if small else BLOCK_SEQS) if merge_seqs is None else merge_seqs,
+        "merge_warps": MERGE_WARPS if merge_warps is None else merge_warps,
+    }
+    if merge_v_block is None:
+        merge_v_block = MERGE_V_BLOCK if sizes["merge_seqs"] == 1 else v_dim
+    sizes["merge_v_block"] = merge_v_block
+    for name in ("absorb_channels", "partial_heads", "partial_positions", "merge_v_block"):
+        if not _power_of_two(sizes[name]) or sizes[name] < 16:
+            raise ValueError(f"mla_decode_attention: {name} {sizes[name]!r}; allowed: powers of two >= 16")
+    for name in ("partial_warps", "merge_warps"):
+        if sizes[name] not in (1, 2, 4, 8, 16):
+            raise ValueError(f"mla_decode_attention: {name} {sizes[name]!r}; allowed: 1, 2, 4, 8, 16")
+    if not isinstance(sizes["partial_stages"], int) or sizes["partial_stages"] < 1:
+        raise ValueError(f"mla_decode_attention: partial_stages {sizes['partial_stages']!r}; allowed: integers >= 1")
+    if sizes["merge_seqs"] != 1 and not (_power_of_two(sizes["merge_seqs"]) and sizes["merge_seqs"] >= 16):
+        raise ValueError(f"mla_decode_attention: merge_seqs {sizes['merge_seqs']!r}; allowed: 1 or powers of two >= 16")
+    sizes["absorb_channels"] = min(sizes["absorb_channels"], kv_lora)
+    sizes["merge_v_block"] = min(sizes["merge_v_block"], v_dim)
+    return sizes
+
+
+def partial_slices(batch: int, head_blocks: int, cache_len: int, sm_count: int, positions: int) -> tuple[int, int]:
+    """(slices, positions per slice) of the partial kernel: enough (sequence, head block, slice)
+    programs for about PROGRAMS_PER_SM per multiprocessor, slices whole multiples of `positions`."""
+    blocks = -(-cache_len // positions)
+    wanted = max(1, -(-PROGRAMS_PER_SM * sm_count // (batch * head_blocks)))
+    blocks_per_slice = max(1, blocks // wanted)
+    return -(-blocks // blocks_per_slice), blocks_per_slice * positions
 
 
 def fused_supported(kv_lora: int, rope: int, nope: int, v_dim: int, dtype: torch.dtype, device_type: str = "cuda") -> bool:
@@ -139,9 +213,11 @@ def _sm_count(device_index: int) -> int:
 
 
 def triton_attend(q, kv_a, latent, input_pos, cos, sin, kv_a_norm_weight, kv_b_weight, eps, n_heads, nope, v_dim, scale,
-                  rope_interleaved, sm_count: int | None = None) -> torch.Tensor:
+                  rope_interleaved, sm_count: int | None = None, **blocks) -> torch.Tensor:
     """attend_torch through the three kernels (any device Triton runs on; sm_count defaults to
-    the CUDA device's)."""
+    the CUDA device's). blocks: block_sizes' keywords (absorb_channels, partial_heads,
+    partial_positions, partial_warps, partial_stages, merge_seqs, merge_v_block, merge_warps);
+    those left out take the defaults for this batch."""
     batch, cache_len, width = latent.shape
     rope = cos.shape[-1]
     kv_lora = width - rope
@@ -157,16 +233,19 @@ def triton_attend(q, kv_a, latent, input_pos, cos, sin, kv_a_norm_weight, kv_b_w
         raise ValueError(f"{name}: needs unit-stride rows of latent, kv_a and kv_b and cos/sin tables of one layout")
     if kv_a.dtype != q.dtype or latent.dtype != q.dtype or kv_b_weight.dtype != q.dtype:
         raise ValueError(f"{name}: q {q.dtype}, kv_a {kv_a.dtype}, latent {latent.dtype}, kv_b {kv_b_weight.dtype}: needs one dtype")
+    sizes = block_sizes(batch, kv_lora, v_dim, **blocks)
     if sm_count is None:
         sm_count = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
-    head_blocks = -(-n_heads // BLOCK_HEADS)
-    slices, slice_len = cache_slices(batch, head_blocks, cache_len, sm_count)
+    head_blocks = -(-n_heads // sizes["partial_heads"])
+    slices, slice_len = partial_slices(batch, head_blocks, cache_len, sm_count, sizes["partial_positions"])
     q = q.contiguous()
     absorb, partial, merge = _kernels()
     query = torch.empty(batch, n_heads, width, device=q.device, dtype=q.dtype)
-    seq_blocks = -(-batch // BLOCK_SEQS)
-    channels = min(kv_lora, ABSORB_CHANNELS)
-    absorb[(seq_blocks, n_heads, kv_lora // channels)](
+    channels = sizes["absorb_channels"]
+    # The first program of each (block of sequences, head) rotates q_pe (and, for head 0, writes
+    # the cache entry: the longest program, started first); the others each take a block of
+    # latent channels, so no program waits on two rounds of loads.
+    absorb[(-(-batch // BLOCK_SEQS), n_heads, kv_lora // channels + 1)](
         q, kv_a, kv_a_norm_weight, kv_b_weight, cos, sin, input_pos, latent, query,
         batch, kv_a.stride(0), kv_b_weight.stride(0), cos.stride(0), latent.stride(0), latent.stride(1), float(eps),
         N_HEADS=n_heads, NOPE=nope, ROPE=rope, V_DIM=v_dim, KV_LORA=kv_lora, BLOCK_B=BLOCK_SEQS,
@@ -178,15 +257,17 @@ def triton_attend(q, kv_a, latent, input_pos, cos, sin, kv_a_norm_weight, kv_b_w
     partial[(batch * head_blocks, slices)](
         query, latent, input_pos, partial_max, partial_sum, partial_out,
         latent.stride(0), latent.stride(1), float(scale), slice_len, slices,
-        N_HEADS=n_heads, HEAD_BLOCKS=head_blocks, BLOCK_H=BLOCK_HEADS, KV_LORA=kv_lora, ROPE=rope, BLOCK_L=BLOCK_POSITIONS,
-        num_warps=4,
+        N_HEADS=n_heads, HEAD_BLOCKS=head_blocks, BLOCK_H=sizes["partial_heads"], KV_LORA=kv_lora, ROPE=rope,
+        BLOCK_L=sizes["partial_positions"], num_warps=sizes["partial_warps"], num_stages=sizes["partial_stages"],
     )
     out = torch.empty(batch, n_heads * v_dim, device=q.device, dtype=q.dtype)
-    merge[(seq_blocks, n_heads)](
+    seqs = sizes["merge_seqs"]
+    all_slices = max(2, 1 << (slices - 1).bit_length())
+    merge[(-(-batch // seqs), n_heads, v_dim // sizes["merge_v_block"])](
         partial_max, partial_sum, partial_out, kv_b_weight, out,
         batch, slices, kv_b_weight.stride(0),
-        N_HEADS=n_heads, NOPE=nope, V_DIM=v_dim, KV_LORA=kv_lora, BLOCK_B=BLOCK_SEQS,
-        BLOCK_S=max(2, 1 << (slices - 1).bit_length()), num_warps=4,
+        N_HEADS=n_heads, NOPE=nope, V_DIM=v_dim, KV_LORA=kv_lora, BLOCK_B=seqs, BLOCK_S=all_slices,
+        CHUNK_S=min(all_slices, MERGE_SLICE_CHUNK), BLOCK_V=sizes["merge_v_block"], num_warps=sizes["merge_warps"],
     )
     return out
 
@@ -208,18 +289,19 @@ def _kernels():
         rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
         b_ok = (rb < batch)[:, None]
         rn = tl.arange(0, NOPE)
-        rc = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        rc = (tl.program_id(2) - 1) * BLOCK_C + tl.arange(0, BLOCK_C)
         rr = tl.arange(0, ROPE)
         pos = tl.load(pos_ptr)
         dtype = q_ptr.dtype.element_ty
         q_row = q_ptr + rb[:, None] * (N_HEADS * (NOPE + ROPE)) + head * (NOPE + ROPE)
         query_row = query_ptr + (rb * N_HEADS + head)[:, None] * (KV_LORA + ROPE)
-        # q_lat = q_nope W_UK[h], this program's channels (float32 accumulation, rounded like
-        # the torch einsum).
-        q_nope = tl.load(q_row + rn[None, :], mask=b_ok, other=0.0)
-        w_uk = tl.load(kv_b_ptr + (head * (NOPE + V_DIM) + rn)[:, None] * stride_kv_b + rc[None, :])
-        tl.store(query_row + rc[None, :], tl.dot(q_nope, w_uk).to(dtype), mask=b_ok)
-        if tl.program_id(2) == 0:  # the rotated q_pe, and the cache entry once per block of sequences
+        if tl.program_id(2) > 0:
+            # q_lat = q_nope W_UK[h], this program's channels (float32 accumulation, rounded
+            # like the torch einsum).
+            q_nope = tl.load(q_row + rn[None, :], mask=b_ok, other=0.0)
+            w_uk = tl.load(kv_b_ptr + (head * (NOPE + V_DIM) + rn)[:, None] * stride_kv_b + rc[None, :])
+            tl.store(query_row + rc[None, :], tl.dot(q_nope, w_uk).to(dtype), mask=b_ok)
+        else:  # the rotated q_pe, and the cache entry once per block of sequences
             # Rotate-half rope (layers.apply_rope): output channel j pairs with j +- ROPE/2. With
             # interleaved pairs the input is read in the half layout: channel j is 2j (first
             # half) or 2(j - ROPE/2) + 1 (second half).
@@ -297,31 +379,51 @@ def _kernels():
     def merge_kernel(
         max_ptr, sum_ptr, out_ptr, kv_b_ptr, y_ptr, batch, slices, stride_kv_b,
         N_HEADS: tl.constexpr, NOPE: tl.constexpr, V_DIM: tl.constexpr, KV_LORA: tl.constexpr, BLOCK_B: tl.constexpr,
-        BLOCK_S: tl.constexpr,
+        BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
         head = tl.program_id(1)
-        rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-        b_ok = rb < batch
         rs = tl.arange(0, BLOCK_S)
         rc = tl.arange(0, KV_LORA)
-        rv = tl.arange(0, V_DIM)
-        heads = rb * N_HEADS + head  # [B, H] rows of the partials
-        # Slices past the position hold max -inf, sum 0 and no output: weight 0 below.
-        slice_max = tl.load(max_ptr + heads[:, None] * slices + rs[None, :], mask=b_ok[:, None] & (rs < slices)[None, :], other=float("-inf"))
-        top = tl.max(slice_max, axis=1)
-        top = tl.where(b_ok, top, 0.0)  # rows past the batch: no slice, no NaN
-        total = tl.zeros((BLOCK_B,), dtype=tl.float32)
-        acc = tl.zeros((BLOCK_B, KV_LORA), dtype=tl.float32)
-        for s in range(slices):
-            weight = tl.exp(tl.load(max_ptr + heads * slices + s, mask=b_ok, other=float("-inf")) - top)
-            total += weight * tl.load(sum_ptr + heads * slices + s, mask=b_ok, other=0.0)
-            part = tl.load(out_ptr + (heads.to(tl.int64) * slices + s)[:, None] * KV_LORA + rc[None, :], mask=b_ok[:, None], other=0.0)
-            acc += weight[:, None] * part
+        rv = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
         dtype = y_ptr.dtype.element_ty
-        out_lat = (acc / tl.where(b_ok, total, 1.0)[:, None]).to(dtype)  # rounded like the torch form's latent output
-        # W_UV[h] read as [KV_LORA, V_DIM]: its rows are kv_b rows head * (NOPE + V_DIM) + NOPE + v.
+        # This program's v channels of W_UV[h], read as [KV_LORA, BLOCK_V]: kv_b rows
+        # head * (NOPE + V_DIM) + NOPE + v.
         w_uv = tl.load(kv_b_ptr + (head * (NOPE + V_DIM) + NOPE + rv)[None, :] * stride_kv_b + rc[:, None])
-        y = tl.dot(out_lat, w_uv)
-        tl.store(y_ptr + rb[:, None] * (N_HEADS * V_DIM) + head * V_DIM + rv[None, :], y.to(dtype), mask=b_ok[:, None])
+        # Every program recomputes its rows' merge weights from all slices' max and sum (a few
+        # hundred bytes), so the v split changes nothing in the merged output. Slices past the
+        # position hold max -inf, sum 0 and no output: weight 0.
+        if BLOCK_B == 1:
+            seq = tl.program_id(0)
+            row = seq * N_HEADS + head
+            slice_max = tl.load(max_ptr + row * slices + rs, mask=rs < slices, other=float("-inf"))
+            top = tl.max(slice_max, axis=0)
+            total = tl.sum(tl.exp(slice_max - top) * tl.load(sum_ptr + row * slices + rs, mask=rs < slices, other=0.0), axis=0)
+            acc = tl.zeros((KV_LORA,), dtype=tl.float32)
+            for s0 in range(0, slices, CHUNK_S):
+                rk = s0 + tl.arange(0, CHUNK_S)
+                k_ok = rk < slices
+                weight = tl.exp(tl.load(max_ptr + row * slices + rk, mask=k_ok, other=float("-inf")) - top)
+                part = tl.load(out_ptr + (row.to(tl.int64) * slices + rk)[:, None] * KV_LORA + rc[None, :], mask=k_ok[:, None], other=0.0)
+                acc += tl.sum(weight[:, None] * part, axis=0)
+            out_lat = (acc / total).to(dtype).to(tl.float32)  # rounded like the torch form's latent output
+            y = tl.sum(out_lat[:, None] * w_uv.to(tl.float32), axis=0)
+            tl.store(y_ptr + seq * (N_HEADS * V_DIM) + head * V_DIM + rv, y.to(dtype))
+        else:
+            rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+            b_ok = rb < batch
+            heads = rb * N_HEADS + head  # [B, H] rows of the partials
+            slice_max = tl.load(max_ptr + heads[:, None] * slices + rs[None, :], mask=b_ok[:, None] & (rs < slices)[None, :], other=float("-inf"))
+            top = tl.max(slice_max, axis=1)
+            top = tl.where(b_ok, top, 0.0)  # rows past the batch: no slice, no NaN
+            total = tl.zeros((BLOCK_B,), dtype=tl.float32)
+            acc = tl.zeros((BLOCK_B, KV_LORA), dtype=tl.float32)
+            for s in range(slices):
+                weight = tl.exp(tl.load(max_ptr + heads * slices + s, mask=b_ok, other=float("-inf")) - top)
+                total += weight * tl.load(sum_ptr + heads * slices + s, mask=b_ok, other=0.0)
+                part = tl.load(out_ptr + (heads.to(tl.int64) * slices + s)[:, None] * KV_LORA + rc[None, :], mask=b_ok[:, None], other=0.0)
+                acc += weight[:, None] * part
+            out_lat = (acc / tl.where(b_ok, total, 1.0)[:, None]).to(dtype)  # rounded like the torch form's latent output
+            y = tl.dot(out_lat, w_uv)
+            tl.store(y_ptr + rb[:, None] * (N_HEADS * V_DIM) + head * V_DIM + rv[None, :], y.to(dtype), mask=b_ok[:, None])
 
     return absorb_kernel, partial_kernel, merge_kernel
