@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 
+from _pdl_gpu import HOPPER, pdl_chain_matches_eager
 from phasewatt.models import mla_attention as ma
 from phasewatt.models.layers import precompute_rope
 from phasewatt.models.mla import MLAModel
@@ -181,3 +182,22 @@ def test_minicpm3_layer_decode_fused_matches_matmul(batch):
     diff = (logits["fused"] - logits["matmul"]).norm(dim=-1) / logits["matmul"].norm(dim=-1)
     assert float(diff.max()) < 2e-2
     assert torch.equal(caches["fused"][:, :600], caches["matmul"][:, :600])
+
+
+@pytest.mark.skipif(INTERPRETED or not HOPPER, reason="PDL needs compute capability >= 9.0")
+@pytest.mark.parametrize("blocks", [{}, {"merge_seqs": 16}], ids=["one-sequence-merge", "batched-merge"])
+def test_pdl_launches_wait_for_the_q_product(blocks):
+    """The three kernels launched with PDL right after the q_b GEMV (which lets them launch
+    early), each loading its weights before its wait: absorb reads the q the GEMV writes,
+    partial the query and cache entry absorb writes, merge the partials; replays give the bits
+    of eager runs without PDL, cache included."""
+    heads, _, rope, nope, _ = MINICPM3
+    fixed = inputs(1, MINICPM3, 640, 512, False, seed=5)
+
+    def make_state():
+        return {"latent": fixed[2].clone()}
+
+    def run(q, state):
+        return ma.triton_attend(q, fixed[1], state["latent"], *fixed[3:], **blocks)
+
+    pdl_chain_matches_eager(make_state, run, k=768, n=heads * (nope + rope))

@@ -36,6 +36,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from phasewatt.models import pdl
 from phasewatt.models.decode_attention import PROGRAMS_PER_SM
 from phasewatt.models.layers import apply_rope, decode_mask, rms_norm
 
@@ -240,6 +241,7 @@ def triton_attend(q, kv_a, latent, input_pos, cos, sin, kv_a_norm_weight, kv_b_w
     slices, slice_len = partial_slices(batch, head_blocks, cache_len, sm_count, sizes["partial_positions"])
     q = q.contiguous()
     absorb, partial, merge = _kernels()
+    launch = pdl.launch_args(q.device)
     query = torch.empty(batch, n_heads, width, device=q.device, dtype=q.dtype)
     channels = sizes["absorb_channels"]
     # The first program of each (block of sequences, head) rotates q_pe (and, for head 0, writes
@@ -249,7 +251,7 @@ def triton_attend(q, kv_a, latent, input_pos, cos, sin, kv_a_norm_weight, kv_b_w
         q, kv_a, kv_a_norm_weight, kv_b_weight, cos, sin, input_pos, latent, query,
         batch, kv_a.stride(0), kv_b_weight.stride(0), cos.stride(0), latent.stride(0), latent.stride(1), float(eps),
         N_HEADS=n_heads, NOPE=nope, ROPE=rope, V_DIM=v_dim, KV_LORA=kv_lora, BLOCK_B=BLOCK_SEQS,
-        BLOCK_C=channels, INTERLEAVED=bool(rope_interleaved), num_warps=4,
+        BLOCK_C=channels, INTERLEAVED=bool(rope_interleaved), num_warps=4, **launch,
     )
     partial_max = torch.empty(batch, n_heads, slices, device=q.device, dtype=torch.float32)
     partial_sum = torch.empty_like(partial_max)
@@ -258,7 +260,7 @@ def triton_attend(q, kv_a, latent, input_pos, cos, sin, kv_a_norm_weight, kv_b_w
         query, latent, input_pos, partial_max, partial_sum, partial_out,
         latent.stride(0), latent.stride(1), float(scale), slice_len, slices,
         N_HEADS=n_heads, HEAD_BLOCKS=head_blocks, BLOCK_H=sizes["partial_heads"], KV_LORA=kv_lora, ROPE=rope,
-        BLOCK_L=sizes["partial_positions"], num_warps=sizes["partial_warps"], num_stages=sizes["partial_stages"],
+        BLOCK_L=sizes["partial_positions"], num_warps=sizes["partial_warps"], num_stages=sizes["partial_stages"], **launch,
     )
     out = torch.empty(batch, n_heads * v_dim, device=q.device, dtype=q.dtype)
     seqs = sizes["merge_seqs"]
@@ -267,7 +269,7 @@ def triton_attend(q, kv_a, latent, input_pos, cos, sin, kv_a_norm_weight, kv_b_w
         partial_max, partial_sum, partial_out, kv_b_weight, out,
         batch, slices, kv_b_weight.stride(0),
         N_HEADS=n_heads, NOPE=nope, V_DIM=v_dim, KV_LORA=kv_lora, BLOCK_B=seqs, BLOCK_S=all_slices,
-        CHUNK_S=min(all_slices, MERGE_SLICE_CHUNK), BLOCK_V=sizes["merge_v_block"], num_warps=sizes["merge_warps"],
+        CHUNK_S=min(all_slices, MERGE_SLICE_CHUNK), BLOCK_V=sizes["merge_v_block"], num_warps=sizes["merge_warps"], **launch,
     )
     return out
 
@@ -283,7 +285,7 @@ def _kernels():
         q_ptr, kv_a_ptr, norm_ptr, kv_b_ptr, cos_ptr, sin_ptr, pos_ptr, latent_ptr, query_ptr,
         batch, stride_kv_a, stride_kv_b, stride_cos, stride_latent_b, stride_latent_l, eps,
         N_HEADS: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr, V_DIM: tl.constexpr, KV_LORA: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, INTERLEAVED: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, INTERLEAVED: tl.constexpr, USE_PDL: tl.constexpr,
     ):
         head = tl.program_id(1)
         rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -291,15 +293,20 @@ def _kernels():
         rn = tl.arange(0, NOPE)
         rc = (tl.program_id(2) - 1) * BLOCK_C + tl.arange(0, BLOCK_C)
         rr = tl.arange(0, ROPE)
-        pos = tl.load(pos_ptr)
         dtype = q_ptr.dtype.element_ty
         q_row = q_ptr + rb[:, None] * (N_HEADS * (NOPE + ROPE)) + head * (NOPE + ROPE)
         query_row = query_ptr + (rb * N_HEADS + head)[:, None] * (KV_LORA + ROPE)
+        # This program's block of W_UK[h] (none for the rope program): a weight, written by no
+        # kernel of the step, so read before the wait, overlapping the previous kernel's tail.
+        w_uk = tl.load(kv_b_ptr + (head * (NOPE + V_DIM) + rn)[:, None] * stride_kv_b + rc[None, :], mask=tl.program_id(2) > 0, other=0.0)
+        if USE_PDL:  # launched with PDL (models/pdl.py): wait for the previous kernel before reading q, kv_a
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        pos = tl.load(pos_ptr)
         if tl.program_id(2) > 0:
             # q_lat = q_nope W_UK[h], this program's channels (float32 accumulation, rounded
             # like the torch einsum).
             q_nope = tl.load(q_row + rn[None, :], mask=b_ok, other=0.0)
-            w_uk = tl.load(kv_b_ptr + (head * (NOPE + V_DIM) + rn)[:, None] * stride_kv_b + rc[None, :])
             tl.store(query_row + rc[None, :], tl.dot(q_nope, w_uk).to(dtype), mask=b_ok)
         else:  # the rotated q_pe, and the cache entry once per block of sequences
             # Rotate-half rope (layers.apply_rope): output channel j pairs with j +- ROPE/2. With
@@ -337,8 +344,11 @@ def _kernels():
         query_ptr, latent_ptr, pos_ptr, max_ptr, sum_ptr, out_ptr,
         stride_latent_b, stride_latent_l, scale, slice_len, slices,
         N_HEADS: tl.constexpr, HEAD_BLOCKS: tl.constexpr, BLOCK_H: tl.constexpr, KV_LORA: tl.constexpr, ROPE: tl.constexpr,
-        BLOCK_L: tl.constexpr,
+        BLOCK_L: tl.constexpr, USE_PDL: tl.constexpr,
     ):
+        if USE_PDL:  # launched with PDL (models/pdl.py): wait for the query and cache entry first
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         seq = tl.program_id(0) // HEAD_BLOCKS
         rh = (tl.program_id(0) % HEAD_BLOCKS) * BLOCK_H + tl.arange(0, BLOCK_H)
         h_ok = rh < N_HEADS
@@ -379,7 +389,7 @@ def _kernels():
     def merge_kernel(
         max_ptr, sum_ptr, out_ptr, kv_b_ptr, y_ptr, batch, slices, stride_kv_b,
         N_HEADS: tl.constexpr, NOPE: tl.constexpr, V_DIM: tl.constexpr, KV_LORA: tl.constexpr, BLOCK_B: tl.constexpr,
-        BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, BLOCK_V: tl.constexpr,
+        BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, BLOCK_V: tl.constexpr, USE_PDL: tl.constexpr,
     ):
         head = tl.program_id(1)
         rs = tl.arange(0, BLOCK_S)
@@ -387,8 +397,11 @@ def _kernels():
         rv = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
         dtype = y_ptr.dtype.element_ty
         # This program's v channels of W_UV[h], read as [KV_LORA, BLOCK_V]: kv_b rows
-        # head * (NOPE + V_DIM) + NOPE + v.
+        # head * (NOPE + V_DIM) + NOPE + v. A weight: read before the wait, as in absorb.
         w_uv = tl.load(kv_b_ptr + (head * (NOPE + V_DIM) + NOPE + rv)[None, :] * stride_kv_b + rc[:, None])
+        if USE_PDL:  # launched with PDL (models/pdl.py): wait for the partials first
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         # Every program recomputes its rows' merge weights from all slices' max and sum (a few
         # hundred bytes), so the v split changes nothing in the merged output. Slices past the
         # position hold max -inf, sum 0 and no output: weight 0.
