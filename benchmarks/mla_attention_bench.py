@@ -42,7 +42,7 @@ import torch
 
 from decode_roofline import Timer, copy_bandwidth, environment  # a sibling script: the same bandwidth probe
 from phasewatt.io import write_text
-from phasewatt.models import mla_attention as ma
+from phasewatt.models import mla_attention as ma, pdl
 from phasewatt.models.layers import precompute_rope
 
 # heads, kv_lora, rope, nope, v
@@ -63,6 +63,7 @@ SWEEP = [
 PREVIOUS = {"absorb_channels": 64, "partial_heads": 16, "partial_positions": 64, "partial_warps": 4, "partial_stages": 3,
             "merge_seqs": 16, "merge_v_block": 64, "merge_warps": 4}
 TORCH = "torch matmul (compiled)"
+NO_PDL = "fused, PDL off"  # the defaults launched without programmatic dependent launch
 COLUMNS = ["batch", "cache", "pos", "impl", "blocks", "status", "us_per_layer", "vs_torch", "vs_default", "read_kb", "tb_s",
            "copy_share", "rel_err", "resolved"]
 
@@ -214,7 +215,9 @@ def measure(layers: Layers, batch: int, cache: int, pos: int, impl: str, keyword
     if impl != TORCH:
         sizes = ma.block_sizes(batch, kv_lora, v_dim, **keywords)
         row["resolved"] = " ".join(f"{k}={v}" for k, v in sizes.items())
+    pdl_before = pdl.pdl_enabled()
     try:
+        pdl.set_pdl(pdl_before and impl != NO_PDL)  # read at each launch, so also by the graph's capture
         if args.smoke:  # one call, timed with the torch form's (the smoke times mean nothing)
             start = time.perf_counter()
             row["rel_err"] = relative_error(call, layers)
@@ -225,6 +228,8 @@ def measure(layers: Layers, batch: int, cache: int, pos: int, impl: str, keyword
     except Exception as exc:  # a variant that fails to compile or launch is a row, not the end of the run
         row["status"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
         return row
+    finally:
+        pdl.set_pdl(pdl_before)
     bytes_per_s = row["read_kb"] * 1e3 / seconds
     row.update(status="ok", us_per_layer=seconds * 1e6, tb_s=bytes_per_s / 1e12, copy_share=bytes_per_s / copy_bytes_per_s)
     return row
@@ -261,6 +266,8 @@ def render(rows: list[dict], env: dict, copy_bytes_per_s: float, args, elapsed_s
         "",
         f"- device: {env['device']}, driver {env.get('driver', '-')}, torch {env['torch']}, CUDA {env.get('cuda', '-')}, "
         f"triton {env.get('triton')}" + (" (smoke: Triton interpreter on CPU; times mean nothing)" if args.smoke else ""),
+        f"- the op's kernels launched with PDL (models/pdl.py): {pdl.pdl_active(torch.device('cuda')) if not args.smoke else False} "
+        f"(rows '{NO_PDL}': without)\n"
         f"- measured copy bandwidth (read + write): {copy_bytes_per_s / 1e12:.3f} TB/s; copy share = read bytes / time / that",
         f"- {args.layers} layers' calls (own kv_b and cache each) per CUDA graph, median of {args.reps} replays; "
         f"us per call per layer; read = kv_b (W_UK + W_UV) + cache rows 0..pos",
@@ -309,7 +316,7 @@ def main(argv=None) -> int:
     for number in range(1 if args.no_sweep else 3):
         for batch, cache, pos in configs:
             if number == 0:
-                plan = [(TORCH, {}), ("fused", {})]
+                plan = [(TORCH, {}), ("fused", {}), (NO_PDL, {})]
             elif number == 1:
                 plan = [("fused", kw) for _, kw in sweep_variants(batch, dims)]
             else:
