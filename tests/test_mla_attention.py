@@ -200,8 +200,10 @@ def test_block_sizes_by_batch_and_keyword():
     """Defaults split finer at small batch; keywords override them; blocks that tile kv_lora or
     v_dim are capped at it."""
     small, large = ma.block_sizes(1, 256, 64), ma.block_sizes(ma.SMALL_BATCH + 1, 256, 64)
-    assert (small["merge_seqs"], small["merge_v_block"], small["partial_positions"]) == (1, ma.MERGE_V_BLOCK, ma.PARTIAL_POSITIONS_SMALL)
-    assert (large["merge_seqs"], large["merge_v_block"], large["partial_positions"]) == (ma.BLOCK_SEQS, 64, ma.PARTIAL_POSITIONS)
+    assert (small["merge_seqs"], small["merge_v_block"], small["partial_heads"]) == (1, min(64, ma.MERGE_V_BLOCK), ma.BLOCK_HEADS)
+    assert (large["merge_seqs"], large["merge_v_block"], large["partial_heads"]) == (ma.BLOCK_SEQS, 64, ma.BLOCK_HEADS_LARGE)
+    assert small["partial_positions"] == large["partial_positions"] == ma.PARTIAL_POSITIONS
+    assert ma.block_sizes(1, 256, 128)["merge_v_block"] == ma.MERGE_V_BLOCK  # a wider v_dim is split
     assert ma.block_sizes(1, 256, 64, merge_seqs=16)["merge_v_block"] == 64
     assert ma.block_sizes(32, 256, 64, merge_seqs=1)["merge_v_block"] == ma.MERGE_V_BLOCK
     given = ma.block_sizes(1, 128, 32, absorb_channels=512, partial_heads=32, partial_positions=16, partial_warps=8,
@@ -246,8 +248,8 @@ def test_bench_sweeps_distinct_block_sizes_and_combines_the_winners():
         variants = bench.sweep_variants(batch, dims)
         resolved = [ma.block_sizes(batch, 256, 64, **kw) for _, kw in variants]
         assert ma.block_sizes(batch, 256, 64) not in resolved and len(set(map(str, resolved))) == len(resolved)
-        # the kernels' block sizes before they took keywords: the defaults above SMALL_BATCH
-        assert (("previous blocks", bench.PREVIOUS) in variants) is (batch <= ma.SMALL_BATCH)
+        # the kernels' block sizes before they took keywords: other than the defaults at any batch now
+        assert ("previous blocks", bench.PREVIOUS) in variants
     assert {"merge_seqs": 16} in [kw for _, kw in bench.sweep_variants(1, dims)]
     assert {"merge_seqs": 1} not in [kw for _, kw in bench.sweep_variants(1, dims)]  # the default at batch 1
 

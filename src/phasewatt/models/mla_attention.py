@@ -40,29 +40,31 @@ from phasewatt.models import pdl
 from phasewatt.models.decode_attention import PROGRAMS_PER_SM
 from phasewatt.models.layers import apply_rope, decode_mask, rms_norm
 
-# Block sizes: triton_attend's keywords default to these (benchmarks/mla_attention_bench.py
-# sweeps them). At most SMALL_BATCH sequences the kernels are latency-bound (too few programs
-# to keep enough loads in flight), so they split their work finer there.
+# Block sizes: triton_attend's keywords default to these, chosen from a sweep of
+# benchmarks/mla_attention_bench.py on an H200 (RESULTS.md, round 5). At most SMALL_BATCH
+# sequences the kernels are latency-bound (too few programs to keep enough loads in flight).
 SMALL_BATCH = 8
 # Latent channels per absorb program: at batch 1 the heads alone would give too few programs
 # to read W_UK fast.
 ABSORB_CHANNELS = 64
-# Heads that share each cached row in the partial kernel (a tensor-core product needs >= 16 rows).
+# Heads that share each cached row in the partial kernel (a tensor-core product needs >= 16
+# rows), at most / above SMALL_BATCH: 32 above read each row once for more heads (1.2x at batch
+# 32); at small batch 16 gives more programs.
 BLOCK_HEADS = 16
-# Cache positions per partial step (and the unit of its slices), above / at most SMALL_BATCH:
-# shorter slices at small batch give more programs, each with fewer rows to wait for.
+BLOCK_HEADS_LARGE = 32
+# Cache positions per partial step (and the unit of its slices): 32 gave more programs at batch
+# 1 but no faster step at 512 and a slower one at 2048 (1.14x for 64).
 PARTIAL_POSITIONS = 64
-PARTIAL_POSITIONS_SMALL = 32
 PARTIAL_WARPS = 4
 PARTIAL_STAGES = 3
 # Sequences per program of the absorb kernel, and of the merge kernel above SMALL_BATCH (their
 # per-head products, ditto); at most SMALL_BATCH the merge takes one sequence per program and
 # reduces without a tensor-core product, loading all of a chunk's slices at once.
 BLOCK_SEQS = 16
-# v channels per merge program: one sequence's head split over v_dim / MERGE_V_BLOCK programs
-# (batch 1 has only H heads); above SMALL_BATCH a program takes the head's whole v_dim, so the
-# slices' partials are read once per head.
-MERGE_V_BLOCK = 16
+# v channels per merge program: a head split over v_dim / MERGE_V_BLOCK programs where smaller;
+# 64 (MiniCPM3's whole v_dim: no split) measured as fast as 16 at batch 1 and 1.2x faster at
+# batch 8, the slices' partials then read once per head.
+MERGE_V_BLOCK = 64
 MERGE_WARPS = 4
 # Slices a one-sequence merge program loads per step (a [chunk, kv_lora] float32 tile).
 MERGE_SLICE_CHUNK = 32
@@ -82,8 +84,8 @@ def block_sizes(batch: int, kv_lora: int, v_dim: int, absorb_channels: int | Non
     small = batch <= SMALL_BATCH
     sizes = {
         "absorb_channels": ABSORB_CHANNELS if absorb_channels is None else absorb_channels,
-        "partial_heads": BLOCK_HEADS if partial_heads is None else partial_heads,
-        "partial_positions": (PARTIAL_POSITIONS_SMALL if small else PARTIAL_POSITIONS) if partial_positions is None else partial_positions,
+        "partial_heads": (BLOCK_HEADS if small else BLOCK_HEADS_LARGE) if partial_heads is None else partial_heads,
+        "partial_positions": PARTIAL_POSITIONS if partial_positions is None else partial_positions,
         "partial_warps": PARTIAL_WARPS if partial_warps is None else partial_warps,
         "partial_stages": PARTIAL_STAGES if partial_stages is None else partial_stages,
         "merge_seqs": (1 if small else BLOCK_SEQS) if merge_seqs is None else merge_seqs,
