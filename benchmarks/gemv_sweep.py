@@ -279,12 +279,23 @@ def _write_tables(args, out_dir: Path, device_name: str, bandwidth: float, table
         "device": device_name, "torch": torch.__version__, "triton": _triton_version(),
         "copy_tb_s": round(bandwidth / 1e12, 3), "made_by": "benchmarks/gemv_sweep.py", "configs": table,
     }
-    targets = [out_dir / gemv.table_path(device_name).name]
+    write_json(out_dir / gemv.table_path(device_name).name, table_to_write(args.write_table, out_dir, device_name, payload))
     if args.write_table != "none":
-        targets.append(gemv.table_path(device_name) if args.write_table == "auto" else Path(args.write_table))
-    for path in targets:
+        path = gemv.table_path(device_name) if args.write_table == "auto" else Path(args.write_table)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, merged_table(path, payload))
+        write_json(path, table_to_write(args.write_table, out_dir, device_name, payload))
+
+
+def table_to_write(write_table: str, out_dir: Path, device_name: str, payload: dict) -> dict:
+    """The table both copies get: payload merged into the table the engine reads (the
+    package's, or --write-table's), else into a previous copy in out_dir. The copy in out_dir
+    is what comes back from a GPU machine to be committed, so it must hold the whole table,
+    not only this run's shapes."""
+    if write_table == "none":
+        base = out_dir / gemv.table_path(device_name).name
+    else:
+        base = gemv.table_path(device_name) if write_table == "auto" else Path(write_table)
+    return merged_table(base, payload)
 
 
 def merged_table(path: Path, payload: dict) -> dict:

@@ -31,3 +31,45 @@ def test_a_new_table_keeps_the_entries_it_did_not_tune(tmp_path):
     merged = gemv_sweep.merged_table(path, {"device": "new", "configs": {"rms:1,4,4": {"BLOCK_N": 4}}})
     assert merged == {"device": "new", "configs": {"1,8,8": {"BLOCK_N": 1}, "rms:1,4,4": {"BLOCK_N": 4}}}
     assert gemv_sweep.merged_table(tmp_path / "none.json", {"configs": {}}) == {"configs": {}}
+
+
+def test_the_copy_that_comes_back_holds_the_whole_table(tmp_path, monkeypatch):
+    """The table written to --out (what a GPU machine sends back to be committed) is the same
+    merged table as the one the engine reads, not only the shapes this run tuned."""
+    package, out = tmp_path / "package", tmp_path / "out"
+    package.mkdir()
+    out.mkdir()
+    monkeypatch.setattr(gemv_sweep.gemv, "CONFIG_DIR", package)
+    monkeypatch.setattr(gemv_sweep, "_triton_version", lambda: "test")  # no triton on CPU
+    existing = {"device": "old", "configs": {"1,8,8": {"BLOCK_N": 1}, "rms:1,4,4": {"BLOCK_N": 2}}}
+    (package / "GPU.json").write_text(json.dumps(existing))
+    args = gemv_sweep.parse_args(["--out", str(out)])
+    gemv_sweep._write_tables(args, out, "GPU", 3e12, {"rms:1,4,4": {"BLOCK_N": 4}})
+    for path in (package / "GPU.json", out / "GPU.json"):
+        assert json.loads(path.read_text())["configs"] == {"1,8,8": {"BLOCK_N": 1}, "rms:1,4,4": {"BLOCK_N": 4}}, path
+
+
+# Tables swept for every product of config.yaml's models. The H100's holds the shapes tuned on
+# the H100 calls so far (10 of the 24 run on the size rule: RESULTS.md, round 5).
+COMPLETE_TABLES = ("NVIDIA_H200",)
+H100_TUNED_AT_LEAST = 27  # entries after round 5: a commit that cuts the table fails here
+
+
+def test_committed_tables_tune_every_product_of_the_configured_models():
+    """The complete tables hold an entry for every batch-1 product shape of the models of
+    config.yaml (the plain product's entry serves a variant the table lacks): a table cut down
+    by accident would send those products to the size rule, some points of bandwidth lower."""
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text())
+    specs = gemv_sweep.select_model_specs(config["models"], None, "config.yaml")
+    products = gemv_sweep.decode_products(specs)
+    for name in COMPLETE_TABLES:
+        table = json.loads((gemv_sweep.gemv.CONFIG_DIR / f"{name}.json").read_text())["configs"]
+        missing = [
+            (variant, n, k) for variant, n, k in products
+            if gemv_sweep.gemv.config_key(1, n, k, variant) not in table and gemv_sweep.gemv.config_key(1, n, k) not in table
+        ]
+        assert not missing, (name, missing)
+    h100 = json.loads((gemv_sweep.gemv.CONFIG_DIR / "NVIDIA_H100_80GB_HBM3.json").read_text())["configs"]
+    assert len(h100) >= H100_TUNED_AT_LEAST
