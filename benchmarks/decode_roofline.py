@@ -382,9 +382,13 @@ def _applies(variant: str, spec: ModelSpec, on_cuda: bool) -> bool:
     if not attention:
         return True
     cls = model_class(spec.arch)
-    default = getattr(cls, "cuda_decode_attention", None) if on_cuda else None
-    default = default or getattr(cls, "default_decode_attention", None)
-    return hasattr(cls, "set_decode_attention") and attention != default
+    if not hasattr(cls, "set_decode_attention"):
+        return False
+    if on_cuda:
+        default = cls.cuda_decode_attention_for(spec, getattr(torch, spec.dtype))
+    else:
+        default = cls.default_decode_attention
+    return attention != default
 
 
 if __name__ == "__main__":

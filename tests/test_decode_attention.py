@@ -118,8 +118,27 @@ def test_the_engine_refuses_fused_where_the_kernels_do_not_fit(monkeypatch):
     with pytest.raises(ConfigError, match=r"'fused' needs a power-of-two head_dim >= 16 .*head_dim 48"):
         NativeEngine(spec=spec, batch=1, prompt_len=4, decode_tokens=2, options={"decode_attention": "fused"})
     model = GQAModel(spec)
-    assert model.cuda_decode_attention == "fused"  # on CPU the op takes any model
+    assert model.cuda_decode_attention == "matmul"  # what the engine would pick on CUDA, wherever the model is
     monkeypatch.setattr(GQAModel, "device", property(lambda self: torch.device("cuda")))
-    assert model.cuda_decode_attention == "matmul"
     with pytest.raises(ConfigError, match="allowed: sdpa, matmul"):
         model.set_decode_attention("fused")
+
+
+def test_the_cuda_choice_and_the_roofline_variants_follow_where_fused_fits():
+    """bf16 with a power-of-two head_dim: the engine picks fused on CUDA, so decode_roofline's
+    +matmul variant is worth a row and +fused is not; a head_dim the kernels cannot take: matmul."""
+    import sys
+    from pathlib import Path
+
+    from phasewatt.models.gqa import GQAModel
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import decode_roofline
+
+    shape = dict(arch="gqa", n_layers=1, d_model=64, n_heads=2, n_kv_heads=1, d_ff=64, vocab_size=64, dtype="bfloat16")
+    fits = ModelSpec.from_config("fits", dict(shape, head_dim=32))
+    odd = ModelSpec.from_config("odd", dict(shape, head_dim=48))
+    assert GQAModel.cuda_decode_attention_for(fits, torch.bfloat16) == "fused"
+    assert GQAModel.cuda_decode_attention_for(odd, torch.bfloat16) == "matmul"
+    assert decode_roofline._applies("compile+matmul", fits, True) and not decode_roofline._applies("compile+fused", fits, True)
+    assert not decode_roofline._applies("compile+matmul", odd, True)

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from _reference import assert_decode_steps_agree
 from phasewatt.engines.native import NativeEngine
 from phasewatt.errors import ConfigError
-from phasewatt.models import mla_attention as ma
+from phasewatt.models import decode_attention as da, mla_attention as ma
 from phasewatt.models.layers import precompute_rope
 from phasewatt.models.mla import MLAModel
 from phasewatt.models.spec import ModelSpec
@@ -183,9 +183,8 @@ def test_the_engine_refuses_fused_where_the_kernels_do_not_fit(monkeypatch):
     fits = {**SHAPES, "kv_lora_rank": 32, "qk_rope_head_dim": 16, "qk_nope_head_dim": 16, "v_head_dim": 32, "dtype": "bfloat16"}
     NativeEngine(spec=ModelSpec.from_config("mla-fits", fits), batch=1, prompt_len=4, decode_tokens=2, options={"decode_attention": "fused"})
     model = tiny_model()
-    assert model.cuda_decode_attention == "fused"  # on CPU the op takes any model
+    assert model.cuda_decode_attention == "matmul"  # what the engine would pick on CUDA, wherever the model is
     monkeypatch.setattr(MLAModel, "device", property(lambda self: torch.device("cuda")))
-    assert model.cuda_decode_attention == "matmul"
     with pytest.raises(ConfigError, match="allowed: sdpa, matmul"):
         model.set_decode_attention("fused")
 
@@ -228,12 +227,12 @@ def test_block_sizes_refuse_blocks_the_kernels_cannot_take(keyword, value, allow
 
 
 @pytest.mark.parametrize("batch,head_blocks,cache_len,positions", [(1, 3, 640, 32), (1, 3, 2176, 16), (32, 3, 640, 64), (8, 1, 192, 128)])
-def test_partial_slices_cover_the_cache_in_whole_blocks(batch, head_blocks, cache_len, positions):
-    slices, slice_len = ma.partial_slices(batch, head_blocks, cache_len, 132, positions)
+def test_cache_slices_of_other_block_sizes_cover_the_cache_in_whole_blocks(batch, head_blocks, cache_len, positions):
+    slices, slice_len = da.cache_slices(batch, head_blocks, cache_len, 132, positions)
     assert slice_len % positions == 0
     assert (slices - 1) * slice_len < cache_len <= slices * slice_len
     if slice_len > positions:  # longer slices only when the programs would otherwise exceed the target
-        assert batch * head_blocks * slices * slice_len // positions >= 132 * 2
+        assert batch * head_blocks * slices * slice_len // positions >= 132 * da.PROGRAMS_PER_SM
 
 
 def test_bench_sweeps_distinct_block_sizes_and_combines_the_winners():

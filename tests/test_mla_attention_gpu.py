@@ -91,13 +91,15 @@ def test_kernels_match_the_torch_form(batch, dims, cache_len, pos, sm_count, int
 
 
 # Each block-size keyword at values that change the kernels' code or tiling, away from the
-# defaults the cases above take (batch <= SMALL_BATCH: one-sequence merge split over v, 32
-# positions; above: 16-sequence merge of the whole v_dim, 64 positions).
+# defaults the cases above take (batch <= SMALL_BATCH: one-sequence merge of the whole v_dim
+# (MERGE_V_BLOCK caps at it), 16 heads per partial program; above: 16-sequence merge, 32
+# heads; 64 positions per step at every batch).
 BLOCK_CASES = [
     (3, dict(merge_seqs=16)),                      # the batched merge at a small batch (rows past the batch)
     (17, dict(merge_seqs=1)),                      # the one-sequence merge at a large batch
     (17, dict(merge_seqs=16, merge_v_block=16)),   # the batched merge split over v
-    (1, dict(merge_v_block=64)),                   # capped at v_dim: one program per head
+    (1, dict(merge_v_block=16)),                   # the one-sequence merge split over v
+    (17, dict(partial_heads=16)),                  # the small-batch head blocks at a large batch
     (1, dict(partial_positions=16)),               # 40 slices of 16: two merge chunks
     (2, dict(partial_positions=128)),              # one step longer than some slices' valid rows
     (1, dict(partial_heads=32)),                   # fewer, part-filled head blocks

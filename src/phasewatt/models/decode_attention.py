@@ -101,17 +101,19 @@ def _(qkv, k_cache, v_cache, input_pos, cos, sin, q_norm_weight, k_norm_weight, 
     return qkv.new_empty((qkv.shape[0], n_heads * k_cache.shape[-1]))
 
 
-def cache_slices(batch: int, n_kv_heads: int, cache_len: int, sm_count: int) -> tuple[int, int]:
-    """(slices, positions per slice): enough (sequence, KV head, slice) programs for about
-    PROGRAMS_PER_SM per multiprocessor, slices whole multiples of BLOCK_POSITIONS."""
-    blocks = -(-cache_len // BLOCK_POSITIONS)
+def cache_slices(batch: int, n_kv_heads: int, cache_len: int, sm_count: int, positions: int = BLOCK_POSITIONS) -> tuple[int, int]:
+    """(slices, positions per slice): enough (sequence, KV head or head block, slice) programs
+    for about PROGRAMS_PER_SM per multiprocessor, slices whole multiples of `positions` (the
+    kernel's positions per inner step; MLA's partial kernel passes its own)."""
+    blocks = -(-cache_len // positions)
     wanted = max(1, -(-PROGRAMS_PER_SM * sm_count // (batch * n_kv_heads)))
     blocks_per_slice = max(1, blocks // wanted)
-    return -(-blocks // blocks_per_slice), blocks_per_slice * BLOCK_POSITIONS
+    return -(-blocks // blocks_per_slice), blocks_per_slice * positions
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
+def multiprocessors(device_index: int) -> int:
+    """The CUDA device's streaming multiprocessors (what the split kernels size their grids by)."""
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
@@ -128,7 +130,7 @@ def triton_attend(qkv, k_cache, v_cache, input_pos, cos, sin, q_norm_weight, k_n
     if k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride() or cos.stride(-1) != 1 or sin.stride() != cos.stride():
         raise ValueError("gqa_decode_attention: needs K/V caches of one layout and cos/sin tables of one layout, unit-stride rows")
     if sm_count is None:
-        sm_count = _sm_count(qkv.device.index if qkv.device.index is not None else torch.cuda.current_device())
+        sm_count = multiprocessors(qkv.device.index if qkv.device.index is not None else torch.cuda.current_device())
     slices, slice_len = cache_slices(batch, n_kv_heads, cache_len, sm_count)
     qkv = qkv.contiguous()
     partial_max = torch.empty(batch, n_heads, slices, device=qkv.device, dtype=torch.float32)

@@ -167,9 +167,31 @@ class DecoderModel(nn.Module):
 
     decode_attentions = DECODE_ATTENTION
 
+    @classmethod
+    def fused_unsupported(cls, spec, dtype: torch.dtype, device_type: str) -> str | None:
+        """Why the model's fused decode attention kernels cannot take this model (the start of
+        a one-line error), or None; a model with such kernels lists "fused" in decode_attentions
+        and says here where they fit."""
+        if "fused" not in cls.decode_attentions:
+            return f"no fused decode attention for the {spec.arch} model"
+        return None
+
+    @classmethod
+    def cuda_decode_attention_for(cls, spec, dtype: torch.dtype) -> str:
+        """What the engine picks on CUDA: the fused kernels where the model has them and they
+        take it (far fewer kernels per layer than compiled matmuls), else matmul."""
+        return "matmul" if cls.fused_unsupported(spec, dtype, "cuda") else "fused"
+
+    @property
+    def cuda_decode_attention(self) -> str:
+        return self.cuda_decode_attention_for(self.spec, self.dtype)
+
     def set_decode_attention(self, kind: str) -> None:
         if kind not in self.decode_attentions:
             raise ConfigError(f"decode_attention: {kind!r}; allowed for {self.spec.arch}: " + ", ".join(self.decode_attentions))
+        why = self.fused_unsupported(self.spec, self.dtype, self.device.type) if kind == "fused" else None
+        if why:
+            raise ConfigError(f"decode_attention: {why}; allowed: " + ", ".join(k for k in self.decode_attentions if k != "fused"))
         for layer in self.layers:
             layer.decode_attention = kind
 

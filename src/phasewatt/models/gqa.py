@@ -97,17 +97,6 @@ class GQAModel(DecoderModel):
         """Why the fused kernels cannot take this model (decode_attention.fused_unsupported), or None."""
         return decode_attention.fused_unsupported(spec.name, spec.head_dim, dtype, device_type)
 
-    @property
-    def cuda_decode_attention(self) -> str:
-        """fused where the kernels take the model, else matmul."""
-        return "matmul" if self.fused_unsupported(self.spec, self.dtype, self.device.type) else "fused"
-
-    def set_decode_attention(self, kind: str) -> None:
-        why = self.fused_unsupported(self.spec, self.dtype, self.device.type) if kind == "fused" else None
-        if why:
-            raise ConfigError(f"decode_attention: {why}; allowed: sdpa, matmul")
-        super().set_decode_attention(kind)
-
     def __init__(self, spec, device="cpu", dtype=torch.float32):
         if spec.n_heads % spec.n_kv_heads:
             raise ConfigError(f"models.{spec.name}.n_kv_heads: must divide n_heads ({spec.n_heads})")

@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phasewatt.errors import ConfigError
 from phasewatt.models import mla_attention
 from phasewatt.models.decoder import DECODE_ATTENTION, DecoderModel, spec_extra
 from phasewatt.models.gemv import Linear, norm_linear, norm_mlp_residual, residual_linear
@@ -123,17 +122,6 @@ class MLAModel(DecoderModel):
         """Why the fused kernels cannot take this model (mla_attention.fused_unsupported), or None."""
         dims = (spec.kv_lora_rank, spec.qk_rope_head_dim, spec.qk_nope_head_dim, spec.v_head_dim)
         return mla_attention.fused_unsupported(spec.name, *dims, dtype, device_type)
-
-    @property
-    def cuda_decode_attention(self) -> str:
-        """fused where the kernels take the model, else matmul."""
-        return "matmul" if self.fused_unsupported(self.spec, self.dtype, self.device.type) else "fused"
-
-    def set_decode_attention(self, kind: str) -> None:
-        why = self.fused_unsupported(self.spec, self.dtype, self.device.type) if kind == "fused" else None
-        if why:
-            raise ConfigError(f"decode_attention: {why}; allowed: sdpa, matmul")
-        super().set_decode_attention(kind)
 
     def __init__(self, spec, device="cpu", dtype=torch.float32):
         scale_depth = spec.extra.get("scale_depth")

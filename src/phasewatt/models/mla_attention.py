@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from phasewatt.models import pdl
-from phasewatt.models.decode_attention import PROGRAMS_PER_SM
+from phasewatt.models.decode_attention import cache_slices, multiprocessors
 from phasewatt.models.layers import apply_rope, decode_mask, rms_norm
 
 # Block sizes: triton_attend's keywords default to these, chosen from a sweep of
@@ -107,15 +107,6 @@ def block_sizes(batch: int, kv_lora: int, v_dim: int, absorb_channels: int | Non
     sizes["absorb_channels"] = min(sizes["absorb_channels"], kv_lora)
     sizes["merge_v_block"] = min(sizes["merge_v_block"], v_dim)
     return sizes
-
-
-def partial_slices(batch: int, head_blocks: int, cache_len: int, sm_count: int, positions: int) -> tuple[int, int]:
-    """(slices, positions per slice) of the partial kernel: enough (sequence, head block, slice)
-    programs for about PROGRAMS_PER_SM per multiprocessor, slices whole multiples of `positions`."""
-    blocks = -(-cache_len // positions)
-    wanted = max(1, -(-PROGRAMS_PER_SM * sm_count // (batch * head_blocks)))
-    blocks_per_slice = max(1, blocks // wanted)
-    return -(-blocks // blocks_per_slice), blocks_per_slice * positions
 
 
 def fused_supported(kv_lora: int, rope: int, nope: int, v_dim: int, dtype: torch.dtype, device_type: str = "cuda") -> bool:
@@ -210,11 +201,6 @@ def _(q, kv_a, latent, input_pos, cos, sin, kv_a_norm_weight, kv_b_weight, eps, 
     return q.new_empty((q.shape[0], n_heads * v_dim))
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def triton_attend(q, kv_a, latent, input_pos, cos, sin, kv_a_norm_weight, kv_b_weight, eps, n_heads, nope, v_dim, scale,
                   rope_interleaved, sm_count: int | None = None, **blocks) -> torch.Tensor:
     """attend_torch through the three kernels (any device Triton runs on; sm_count defaults to
@@ -238,9 +224,9 @@ def triton_attend(q, kv_a, latent, input_pos, cos, sin, kv_a_norm_weight, kv_b_w
         raise ValueError(f"{name}: q {q.dtype}, kv_a {kv_a.dtype}, latent {latent.dtype}, kv_b {kv_b_weight.dtype}: needs one dtype")
     sizes = block_sizes(batch, kv_lora, v_dim, **blocks)
     if sm_count is None:
-        sm_count = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
+        sm_count = multiprocessors(q.device.index if q.device.index is not None else torch.cuda.current_device())
     head_blocks = -(-n_heads // sizes["partial_heads"])
-    slices, slice_len = partial_slices(batch, head_blocks, cache_len, sm_count, sizes["partial_positions"])
+    slices, slice_len = cache_slices(batch, head_blocks, cache_len, sm_count, sizes["partial_positions"])
     q = q.contiguous()
     absorb, partial, merge = _kernels()
     launch = pdl.launch_args(q.device)
