@@ -188,7 +188,7 @@ def test_folded_norm_and_glu_epilogue(variant, rows, config):
 
 
 # ----- programmatic dependent launch ---------------------------------------------------------------
-HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+from _pdl_gpu import HOPPER  # noqa: E402
 
 
 @pytest.fixture

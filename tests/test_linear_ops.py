@@ -280,3 +280,31 @@ def test_recurrent_decode_runs_one_conv_step_op_per_layer(arch):
     with OpCounter(CONV_STEP_OP) as counter:
         model.decode(torch.tensor([7, 8]), torch.tensor([3]))
     assert counter.calls == 3
+
+
+def test_fla_gets_packed_tensors_from_strided_and_broadcast_views(monkeypatch):
+    """The dispatch packs q/k/v/g (and beta) before calling fla, inside the compiled prefill:
+    fla's wrappers would otherwise copy the column slices and head-broadcast views Mamba2 and
+    GDN make, in slow eager kernels (a third of Mamba2's prefill). fla itself is replaced by a
+    recorder: this runs on CPU without it."""
+    seen = {}
+
+    def recorder(name):
+        def fake(*tensors_and_scale):
+            seen[name] = [t for t in tensors_and_scale if isinstance(t, torch.Tensor)]
+            q, v = seen[name][0], seen[name][2]
+            return torch.zeros(*q.shape[:-1], v.shape[-1]), torch.zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[-1])
+        return fake
+
+    monkeypatch.setattr(ops, "_use_fla", lambda x, backend: True)
+    monkeypatch.setattr(ops, "_fla_simple_gla", recorder("simple_gla"))
+    monkeypatch.setattr(ops, "_fla_gated_delta_rule", recorder("gated_delta_rule"))
+    proj = torch.randn(2, 9, 3 * 64 + 16 + 3)
+    cols = proj[..., :64].unflatten(-1, (4, 16))                                    # a column slice
+    shared = proj[..., 64:80].unflatten(-1, (1, 16)).expand(2, 9, 4, 16)            # B/C over 4 heads
+    gate = proj[..., -3:-2].expand(2, 9, 4)
+    ops.simple_gla_prefill(shared, shared, cols, gate, 1.0, 16)
+    ops.gated_delta_rule_prefill(cols, cols, cols, gate, gate, 0.25)
+    for name in ("simple_gla", "gated_delta_rule"):
+        assert all(t.is_contiguous() for t in seen[name]), name
+    assert not shared.is_contiguous() and not cols.is_contiguous() and not gate.is_contiguous()

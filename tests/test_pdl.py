@@ -57,3 +57,40 @@ def test_pdl_switch_round_trip(switch):
         with pytest.raises(TypeError, match="bool"):
             pdl.set_pdl(value)
     assert pdl.pdl_enabled() is True
+
+
+def test_launched_notes_pdl_launches_only(switch, monkeypatch):
+    """What the engine records: whether a kernel was launched with PDL since its set-up began
+    (a GPU with PDL whose model runs none of these kernels records False)."""
+    monkeypatch.setattr(pdl, "_capability", lambda index: (9, 0))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cuda = torch.device("cuda", 0)
+    pdl.set_pdl(True)
+    pdl.reset_launched()
+    assert pdl.pdl_active(cuda) and not pdl.launched()  # asking does not count as a launch
+    assert pdl.launch_args(cuda) == PDL_ON and pdl.launched()
+    pdl.reset_launched()
+    pdl.set_pdl(False)
+    assert pdl.launch_args(cuda) == PDL_OFF and not pdl.launched()
+
+
+def test_each_engine_sets_the_switch_before_its_own_uncaptured_steps(switch):
+    """Two engines in one process with opposite choices: an engine's eager prefill and decode
+    run with its own setting, not the one of the engine set up last."""
+    from phasewatt.engines.native import NativeEngine
+    from phasewatt.models.spec import ModelSpec
+
+    spec = ModelSpec.from_config("tiny-gqa", dict(arch="gqa", n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, head_dim=16,
+                                                  d_ff=48, vocab_size=64))
+    engines = {
+        choice: NativeEngine(spec=spec, batch=1, prompt_len=4, decode_tokens=2, device="cpu", options={"pdl": choice})
+        for choice in (False, "auto")
+    }
+    for engine in engines.values():
+        engine.setup()
+    assert pdl.pdl_enabled() is True  # the last set-up's choice
+    engines[False].decode(1)
+    assert pdl.pdl_enabled() is False
+    engines["auto"].prefill()
+    assert pdl.pdl_enabled() is True
+    assert all(engine.describe()["pdl"] is False for engine in engines.values())  # CPU: nothing launched with PDL

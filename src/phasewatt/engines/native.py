@@ -23,7 +23,7 @@ from phasewatt.errors import ConfigError
 from phasewatt.models.decoder import ALL_DECODE_ATTENTION
 from phasewatt.models.gemv import AUTO_ROWS as GEMV_AUTO_ROWS, MAX_ROWS as GEMV_MAX_ROWS, fold_norm_weights, use_gemv
 from phasewatt.models.loader import load_checkpoint
-from phasewatt.models.pdl import pdl_active, set_pdl
+from phasewatt.models import pdl
 from phasewatt.models.registry import build_model, model_class
 
 DEFAULT_OPTIONS = {
@@ -153,10 +153,8 @@ class NativeEngine:
             model.set_decode_attention(model.cuda_decode_attention)
         self.gemv_max_rows = self._gemv_max_rows()
         use_gemv(self.model, self.gemv_max_rows, fuse=self.options["gemv_fuse"])
-        # The switch is process-wide and read at launch: set by every engine before it warms up
-        # and captures, so one engine's choice never leaks into the next one's graphs.
-        set_pdl(self.options["pdl"] is not False)
-        self.pdl = pdl_active(self.device)
+        self._apply_pdl()
+        pdl.reset_launched()
         if self.options["gemv_fuse"] and self.batch <= self.gemv_max_rows:
             self.norms_folded = fold_norm_weights(self.model)
         if self.compile_how != "none" or self.compile_prefill:
@@ -193,7 +191,14 @@ class NativeEngine:
             self.prefill()
             self.synchronize()
             times["prefill_again_s"] = time.perf_counter() - t
+        self.pdl = pdl.launched()
         return times
+
+    def _apply_pdl(self) -> None:
+        """The PDL switch is process-wide and read at launch: set by every engine before it
+        warms up and captures, and before every uncaptured prefill or decode, so one engine's
+        choice never leaks into another's graphs or eager steps."""
+        pdl.set_pdl(self.options["pdl"] is not False)
 
     def _gemv_max_rows(self) -> int:
         """The option, or for auto: the tuned kernel for batches of up to GEMV_AUTO_ROWS on
@@ -303,6 +308,7 @@ class NativeEngine:
         if self.prefill_graph is not None:
             self.prefill_graph.replay()
         else:
+            self._apply_pdl()
             self._prefill_once()
         return self.batch * self.prompt_len
 
@@ -316,6 +322,8 @@ class NativeEngine:
             raise ValueError(f"decode({n_steps}): the caches hold 1 to {self.decode_tokens} decode steps")
         with torch.no_grad():
             self._reset_decode()
+            if self.graph is None:
+                self._apply_pdl()
             for _ in range(n_steps):
                 if self.graph is not None:
                     self.graph.replay()

@@ -418,7 +418,8 @@ def residual_linear(x, lin: "Linear", residual, out_scale: float = 1.0):
 def gated_norm_residual(x, gate, norm: nn.Module, lin: "Linear", residual):
     """residual + lin(norm(x, gate)) for a norm of x * SiLU(gate) over the whole row (Mamba2's
     gated RMSNorm with one group, x possibly float32); through the kernel the gate and norm
-    are its prologue and the add its epilogue."""
+    are its prologue and the add its epilogue. Mamba2's decode passes gate None: its SSD step
+    kernel applies the gate, which spares this prologue a second input stream per tile."""
     if _fuses(x, lin) and norm.n_groups == 1:
         return torch.ops.phasewatt.gemv_rmsnorm(x, None, gate, _norm_weight(norm), norm.eps, 0.0, lin.weight, residual, 1.0)[0]
     return residual + lin(norm(x, gate))

@@ -6,14 +6,17 @@ the previous one to finish before it launches, so every boundary leaves the GPU 
 while one grid drains and the next ramps up. Launched with PDL, a kernel may start while its
 predecessor finishes: it calls griddepcontrol.wait (tl.extra.cuda.gdc_wait) before it reads
 anything another kernel writes, and griddepcontrol.launch_dependents right after it, so the
-next PDL kernel can launch into the slots ours leave as they finish. The GEMV also loads its
-first weight tile before the wait (models/gemv.py). On an H200 this took the decode step at
-batch 1 from 71% to 73% of the copy bandwidth for Qwen3-4B (RESULTS.md, round 5).
+next PDL kernel can launch into the slots ours leave as they finish. The GEMV and MLA's absorb
+and merge kernels also load their first weight tile before the wait: this needs that no
+kernel launched right before a PDL kernel writes that kernel's weights (none in a decode step;
+weights are loaded and folded at set-up, many kernels earlier). On an H200 PDL took the decode
+step at batch 1 from 71% to 74% of the copy bandwidth for Qwen3-4B, 54% to 60% for MiniCPM3
+(benchmarks/RESULTS.md, round 5).
 
 Every kernel launched with PDL must wait on every path before its first dependent read and
 its first store; a kernel launched without it is ordered as usual. One process-wide switch,
-set by the native engine from its `pdl` option before it warms up or captures (a captured
-graph keeps the launches it recorded, whatever the switch says later).
+set by the native engine from its `pdl` option before it warms up, captures or runs a step
+(a captured graph keeps the launches it recorded, whatever the switch says later).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import os
 import torch
 
 MIN_CAPABILITY = 9
-_switch = {"enabled": True}
+_switch = {"enabled": True, "launched": False}
 
 
 def set_pdl(enabled: bool) -> None:
@@ -58,7 +61,7 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def launch_args(device: torch.device) -> dict:
+def _decide(device: torch.device) -> dict:
     """pdl_launch_args for a launch on `device` now."""
     interpreted = _interpreted()
     capability = None
@@ -67,6 +70,26 @@ def launch_args(device: torch.device) -> dict:
     return pdl_launch_args(capability, pdl_enabled(), interpreted)
 
 
+def launch_args(device: torch.device) -> dict:
+    """A kernel launcher's PDL arguments for a launch on `device` (noted for launched())."""
+    args = _decide(device)
+    if args["launch_pdl"]:
+        _switch["launched"] = True
+    return args
+
+
+def reset_launched() -> None:
+    """Forget earlier launches (launched() then says whether one came after this call)."""
+    _switch["launched"] = False
+
+
+def launched() -> bool:
+    """Whether a kernel was launched with PDL since reset_launched (what the engine records:
+    on a GPU that has PDL a model may still run none of these kernels, e.g. GQA with
+    gemv_max_rows 0 and matmul attention)."""
+    return _switch["launched"]
+
+
 def pdl_active(device: torch.device) -> bool:
-    """Whether the decode kernels' launches on `device` use PDL now (what the engine records)."""
-    return device.type == "cuda" and launch_args(device)["launch_pdl"]
+    """Whether the decode kernels' launches on `device` would use PDL now."""
+    return device.type == "cuda" and _decide(device)["launch_pdl"]
