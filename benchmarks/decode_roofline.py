@@ -154,6 +154,25 @@ class Timer:
         return statistics.median(self(fn) for _ in range(reps))
 
 
+def graph_replay_seconds(run, reps: int):
+    """(median seconds of one replay of a CUDA graph of run(), run()'s outputs in that graph):
+    run() is warmed up (compiled) on a side stream first, as capture needs, and each replay
+    is timed on its own with CUDA events. The sweep and the PDL and MLA benchmarks time this
+    way."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = run()
+    graph.replay()
+    seconds = Timer(torch.device("cuda")).median(graph.replay, reps)
+    return seconds, outs
+
+
 def copy_bandwidth(device: torch.device, timer: Timer, nbytes: int) -> float:
     """Bytes read + written per second by a large device-to-device copy."""
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()

@@ -27,13 +27,12 @@ import argparse
 import csv
 import io
 import os
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
-from decode_roofline import Timer, copy_bandwidth, environment  # a sibling script: the same bandwidth probe
+from decode_roofline import Timer, copy_bandwidth, environment, graph_replay_seconds  # a sibling script: the same bandwidth probe
 from phasewatt.io import write_text
 from phasewatt.models import gemv, pdl as pdl_switch
 
@@ -125,29 +124,9 @@ class Chain:
 def time_chain(chain: Chain, pdl: bool, reps: int) -> tuple[float, list[torch.Tensor]]:
     """(seconds per replay of the chain's graph, its outputs), PDL as given."""
     pdl_switch.set_pdl(pdl)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        chain.run()  # compile (PDL and not are different binaries), warm
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = chain.run()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+    seconds, outs = graph_replay_seconds(chain.run, reps)  # warm-up compiles (PDL and not are different binaries)
     # the chain's inputs are its fixed buffers: a last replay gives the outputs every replay gives
-    result = [o.clone() for o in outs]
-    del graph
-    return statistics.median(times), result
+    return seconds, [o.clone() for o in outs]
 
 
 def measure(chain: Chain, name: str, between: str, args, copy_bytes_per_s: float) -> list[dict]:

@@ -23,7 +23,6 @@ import itertools
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 import yaml
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from decode_roofline import Timer, copy_bandwidth  # a sibling script: the same bandwidth probe
+from decode_roofline import Timer, copy_bandwidth, graph_replay_seconds  # a sibling script: the same bandwidth probe
 from phasewatt.config import exit_on_error, select_model_specs
 from phasewatt.io import write_json, write_text
 from phasewatt.models import gemv
@@ -125,28 +124,8 @@ class GraphTimer:
         self.reps = reps
 
     def __call__(self, fn, x, weights) -> float:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for w in weights:
-                fn(x, w)
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outs = [fn(x, w) for w in weights]
-        graph.replay()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(self.reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        del graph, outs
-        return statistics.median(times) / len(weights)
+        seconds, _ = graph_replay_seconds(lambda: [fn(x, w) for w in weights], self.reps)
+        return seconds / len(weights)
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:

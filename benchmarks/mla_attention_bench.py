@@ -33,14 +33,13 @@ import csv
 import functools
 import io
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from decode_roofline import Timer, copy_bandwidth, environment  # a sibling script: the same bandwidth probe
+from decode_roofline import Timer, copy_bandwidth, environment, graph_replay_seconds  # a sibling script: the same bandwidth probe
 from phasewatt.io import write_text
 from phasewatt.models import mla_attention as ma, pdl
 from phasewatt.models.layers import precompute_rope
@@ -175,27 +174,8 @@ def seconds_per_layer(call, layers: Layers, reps: int) -> float:
         for i in range(count):
             call(*layers.args(i))
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run()  # compiles, warms
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    cuda_graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(cuda_graph):
-        run()
-    cuda_graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        cuda_graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del cuda_graph
-    return statistics.median(times) / count
+    seconds, _ = graph_replay_seconds(run, reps)
+    return seconds / count
 
 
 def relative_error(call, layers: Layers) -> float:
