@@ -1,6 +1,7 @@
-"""A check shared by the GPU tests of the decode step's Triton kernels: launched with PDL right
+"""Checks shared by the GPU tests of the decode step's Triton kernels: launched with PDL right
 after a GEMV that writes their input (as in a decode step, where that GEMV lets its dependents
-launch early), a kernel must still read that input only once it is written (its gdc_wait)."""
+launch early), a kernel must still read that input only once it is written (its gdc_wait);
+and a model's fused attention, compiled and captured, follows the matmul path over steps."""
 
 import torch
 
@@ -44,3 +45,35 @@ def pdl_chain_matches_eager(make_state, run, k: int, n: int, seeds: int = 3) -> 
                 assert torch.equal(tensor, expected_state[name]), name
     finally:
         pdl.set_pdl(before)
+
+
+def assert_fused_follows_matmul_in_a_graph(model_class, spec) -> None:
+    """A tiny bf16 model, compiled and captured once, replayed at advancing positions, fed the
+    same tokens: fused and matmul decode attention give close logits."""
+    logits = {}
+    for kind in ("matmul", "fused"):
+        torch.manual_seed(0)
+        model = model_class(spec, device="cuda", dtype=torch.bfloat16).eval().requires_grad_(False)
+        model.set_decode_attention(kind)
+        model.setup_caches(1, 200)
+        prompt = torch.randint(0, 512, (1, 100), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+        model.prefill(prompt)
+        model.compile_decode()
+        token = prompt[:, -1].clone()
+        pos = torch.tensor([100], device="cuda")
+        for _ in range(2):
+            model.decode(token, pos)  # warm-up (compiles); rewrites position 100 only
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model.decode(token, pos)
+        steps = []
+        fed = torch.randint(0, 512, (40, 1), device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
+        for step in range(40):
+            pos.fill_(100 + step)
+            token.copy_(fed[step])
+            graph.replay()
+            steps.append(out.float().clone())
+        logits[kind] = torch.stack(steps)
+    diff = (logits["fused"] - logits["matmul"]).norm(dim=-1) / logits["matmul"].norm(dim=-1)
+    assert float(diff.max()) < 2e-2
+    assert float((logits["fused"].argmax(-1) == logits["matmul"].argmax(-1)).float().mean()) >= 0.9

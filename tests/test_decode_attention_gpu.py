@@ -4,7 +4,7 @@ skipped in CI)."""
 import pytest
 import torch
 
-from _pdl_gpu import HOPPER, pdl_chain_matches_eager
+from _pdl_gpu import HOPPER, assert_fused_follows_matmul_in_a_graph, pdl_chain_matches_eager
 
 from phasewatt.models import decode_attention as da
 from phasewatt.models.gqa import GQAModel
@@ -56,33 +56,7 @@ def test_fused_decode_in_a_compiled_graph_follows_the_position():
     positions, fed the same tokens: fused and matmul attention give close logits."""
     spec = ModelSpec.from_config("tiny", dict(arch="gqa", n_layers=2, d_model=256, n_heads=8, n_kv_heads=2, head_dim=64,
                                               d_ff=512, vocab_size=512, qk_norm=True, tied_embeddings=True, dtype="bfloat16"))
-    logits = {}
-    for kind in ("matmul", "fused"):
-        torch.manual_seed(0)
-        model = GQAModel(spec, device="cuda", dtype=torch.bfloat16).eval().requires_grad_(False)
-        model.set_decode_attention(kind)
-        model.setup_caches(1, 200)
-        prompt = torch.randint(0, 512, (1, 100), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
-        model.prefill(prompt)
-        model.compile_decode()
-        token = prompt[:, -1].clone()
-        pos = torch.tensor([100], device="cuda")
-        for _ in range(2):
-            model.decode(token, pos)  # warm-up (compiles); rewrites position 100 only
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = model.decode(token, pos)
-        steps = []
-        fed = torch.randint(0, 512, (40, 1), device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
-        for step in range(40):
-            pos.fill_(100 + step)
-            token.copy_(fed[step])
-            graph.replay()
-            steps.append(out.float().clone())
-        logits[kind] = torch.stack(steps)
-    diff = (logits["fused"] - logits["matmul"]).norm(dim=-1) / logits["matmul"].norm(dim=-1)
-    assert float(diff.max()) < 2e-2
-    assert float((logits["fused"].argmax(-1) == logits["matmul"].argmax(-1)).float().mean()) >= 0.9
+    assert_fused_follows_matmul_in_a_graph(GQAModel, spec)
 
 
 @pytest.mark.skipif(not HOPPER, reason="PDL needs compute capability >= 9.0")

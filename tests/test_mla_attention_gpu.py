@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from _pdl_gpu import HOPPER, pdl_chain_matches_eager
+from _pdl_gpu import HOPPER, assert_fused_follows_matmul_in_a_graph, pdl_chain_matches_eager
 from phasewatt.models import mla_attention as ma
 from phasewatt.models.layers import precompute_rope
 from phasewatt.models.mla import MLAModel
@@ -131,33 +131,7 @@ def test_fused_decode_in_a_compiled_graph_follows_the_position(interleaved):
     """A tiny bf16 MiniCPM3-style model, compiled and captured once, replayed at advancing
     positions, fed the same tokens: fused and matmul attention give close logits."""
     spec = mla_spec(rope_interleaved=interleaved)
-    logits = {}
-    for kind in ("matmul", "fused"):
-        torch.manual_seed(0)
-        model = MLAModel(spec, device="cuda", dtype=torch.bfloat16).eval().requires_grad_(False)
-        model.set_decode_attention(kind)
-        model.setup_caches(1, 200)
-        prompt = torch.randint(0, 512, (1, 100), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
-        model.prefill(prompt)
-        model.compile_decode()
-        token = prompt[:, -1].clone()
-        pos = torch.tensor([100], device="cuda")
-        for _ in range(2):
-            model.decode(token, pos)  # warm-up (compiles); rewrites position 100 only
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = model.decode(token, pos)
-        steps = []
-        fed = torch.randint(0, 512, (40, 1), device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
-        for step in range(40):
-            pos.fill_(100 + step)
-            token.copy_(fed[step])
-            graph.replay()
-            steps.append(out.float().clone())
-        logits[kind] = torch.stack(steps)
-    diff = (logits["fused"] - logits["matmul"]).norm(dim=-1) / logits["matmul"].norm(dim=-1)
-    assert float(diff.max()) < 2e-2
-    assert float((logits["fused"].argmax(-1) == logits["matmul"].argmax(-1)).float().mean()) >= 0.9
+    assert_fused_follows_matmul_in_a_graph(MLAModel, spec)
 
 
 @pytest.mark.skipif(INTERPRETED, reason="MiniCPM3-4B's layer on CUDA")
