@@ -116,7 +116,7 @@ def fused_supported(kv_lora: int, rope: int, nope: int, v_dim: int, dtype: torch
     elsewhere it is the torch form, which takes any."""
     if device_type != "cuda":
         return True
-    return all(n >= 16 and not n & (n - 1) for n in (kv_lora, rope, nope, v_dim)) and dtype in (torch.bfloat16, torch.float16)
+    return all(_power_of_two(n) and n >= 16 for n in (kv_lora, rope, nope, v_dim)) and dtype in (torch.bfloat16, torch.float16)
 
 
 def fused_unsupported(name: str, kv_lora: int, rope: int, nope: int, v_dim: int, dtype: torch.dtype, device_type: str) -> str | None:
