@@ -137,3 +137,5 @@ def test_bad_value_heads_and_batch_are_refused():
     assert_prefill_needs_caches_for_its_batch(model, 1, "states hold batch 2; asked for batch 1")
     with pytest.raises(ValueError, match="prefill_backend 'cuda'"):
         model.prefill_backend = "cuda"
+    with pytest.raises(ValueError, match="prefill_backend 'triton'; allowed: auto, torch, fla$"):
+        model.prefill_backend = "triton"  # Mamba2's own kernels

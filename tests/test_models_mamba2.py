@@ -133,3 +133,40 @@ def test_bad_shapes_and_batch_are_refused():
     model.setup_caches(2, 8)
     with pytest.raises(ValueError, match="states hold batch 2; asked for batch 1"):
         model.prefill(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_prefill_backends_and_the_kernel_op_shapes_on_cpu():
+    """'triton' is Mamba2's own prefill backend (models/ssd_prefill.py); auto stays the torch
+    form on CPU. The kernels' op is shape-checked by its fake (what torch.compile traces with):
+    u [B, T, d_inner] in the model dtype and the sums of squares per head (and block of its
+    channels) [B, T, heads * v_blocks]."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from phasewatt.models import ssd_prefill
+
+    model = Mamba2Model(tiny_spec(False))
+    model.prefill_backend = "triton"
+    assert {layer.mixer.backend for layer in model.layers} == {"triton"}
+    with pytest.raises(ValueError, match="prefill_backend 'cuda'; allowed: auto, torch, fla, triton"):
+        model.prefill_backend = "cuda"
+    mixer = model.layers[0].mixer
+    with FakeTensorMode() as mode:
+        proj = mode.from_tensor(torch.empty(3, 7, mixer.in_proj.weight.shape[0], dtype=torch.bfloat16))
+        params = [mode.from_tensor(p) for p in (mixer.conv_weight, mixer.conv_bias, mixer.dt_bias, mixer.A_log, mixer.D, mixer.norm.weight)]
+        ssm = mode.from_tensor(mixer.make_state(3)[1])
+        u, squares = ssd_prefill.mamba2_prefill_ssd(proj, *params, 0.0, float("inf"), mixer.n_groups, mixer.d_state, mixer.head_dim, ssm)
+    assert (tuple(u.shape), u.dtype) == ((3, 7, mixer.d_inner), torch.bfloat16)
+    blocks = ssd_prefill.output_v_blocks(mixer.head_dim)
+    assert (tuple(squares.shape), squares.dtype) == ((3, 7, mixer.n_heads * blocks), torch.float32)
+
+
+def test_kernel_launcher_refuses_misfit_shapes_before_any_launch():
+    from phasewatt.models import ssd_prefill
+
+    mixer = Mamba2Model(tiny_spec(False)).layers[0].mixer
+    proj = torch.zeros(1, 5, mixer.in_proj.weight.shape[0] + 1)
+    args = (mixer.conv_weight, mixer.conv_bias, mixer.dt_bias, mixer.A_log, mixer.D, mixer.norm.weight, (0.0, 1.0), mixer.n_groups, mixer.d_state, mixer.head_dim)
+    with pytest.raises(ValueError, match="do not fit"):
+        ssd_prefill.mamba2_prefill_kernels(proj, *args, mixer.make_state(1)[1])
+    with pytest.raises(ValueError, match="ssm_state"):
+        ssd_prefill.mamba2_prefill_kernels(proj[..., :-1], *args, torch.zeros(1, mixer.n_heads, mixer.d_state, mixer.head_dim, dtype=torch.float64))

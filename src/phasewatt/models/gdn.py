@@ -65,6 +65,8 @@ class GatedRMSNorm(nn.Module):
 
 
 class GatedDeltaNetMixer(nn.Module):
+    prefill_backends = linear_ops.BACKENDS  # auto: fla's kernels on CUDA, torch elsewhere
+
     def __init__(self, spec: ModelSpec, n_v_heads: int, device=None, dtype=None):
         super().__init__()
         self.n_k_heads, self.n_v_heads = spec.n_heads, n_v_heads

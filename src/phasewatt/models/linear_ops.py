@@ -64,7 +64,14 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         out = out + padded[:, tap : tap + length].float() * weight32[:, tap]
     if bias is not None:
         out = out + bias.float()
-    return out.to(x.dtype), padded[:, padded.shape[1] - (width - 1) :].transpose(1, 2)
+    return out.to(x.dtype), conv_window(x, width)
+
+
+def conv_window(x: torch.Tensor, width: int) -> torch.Tensor:
+    """The conv state a prompt x [B, T, C] leaves: its last W-1 inputs [B, C, W-1], zero where
+    the prompt is shorter than that."""
+    tail = x[:, max(0, x.shape[1] - (width - 1)) :]
+    return F.pad(tail, (0, 0, width - 1 - tail.shape[1], 0)).transpose(1, 2)
 
 
 def causal_conv1d_step(

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from phasewatt.errors import ConfigError
-from phasewatt.models import linear_ops
+from phasewatt.models import linear_ops, ssd_prefill
 from phasewatt.models.gemv import Linear, gated_norm_residual, norm_linear
 from phasewatt.models.layers import RMSNorm
 from phasewatt.models.loader import HFTensors
@@ -51,6 +51,10 @@ class GroupedGatedRMSNorm(nn.Module):
 
 
 class Mamba2Mixer(nn.Module):
+    # auto: 'triton' on CUDA (models/ssd_prefill.py), 'torch' elsewhere; 'fla': fla's
+    # chunk_simple_gla with B and C copied out to every head (the path 'triton' replaced).
+    prefill_backends = linear_ops.BACKENDS + ("triton",)
+
     def __init__(self, spec: ModelSpec, time_step_limit: tuple[float, float], device=None, dtype=None):
         super().__init__()
         self.d_inner = spec.d_inner
@@ -109,13 +113,33 @@ class Mamba2Mixer(nn.Module):
         return self.norm(y.flatten(-2), z)
 
     def prefill(self, h: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
-        z, xbc, dt = self._split(self.in_proj(h))
+        proj = self.in_proj(h)
+        if self.backend == "triton" or (self.backend == "auto" and proj.is_cuda):
+            return self._prefill_kernels(proj, conv_state, ssm_state)
+        z, xbc, dt = self._split(proj)
         xbc, window = linear_ops.causal_conv1d(xbc, self.conv_weight, self.conv_bias)
         conv_state.copy_(window)
         x, q, k, v, g = self._ssm_inputs(F.silu(xbc), dt)
         y, final = linear_ops.simple_gla_prefill(q, k, v, g, 1.0, self.chunk_size, backend=self.backend)
         ssm_state.copy_(final)
         return self.out_proj(self._gated(y, x, z))
+
+    def _prefill_kernels(self, proj: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
+        """The prefill through models/ssd_prefill.py's kernels (B and C shared by each group's
+        heads; conv, SSD, D skip and gate in four kernels). The norm's RMS of a row is a
+        factor of that row's output projection, applied after it (one group), or to u before
+        it (several)."""
+        xbc = proj[..., self.d_inner : self.d_inner + self.conv_dim]
+        conv_state.copy_(linear_ops.conv_window(xbc, self.conv_weight.shape[-1]))
+        u, squares = ssd_prefill.mamba2_prefill_ssd(
+            proj, self.conv_weight, self.conv_bias, self.dt_bias, self.A_log, self.D, self.norm.weight,
+            *self.time_step_limit, self.n_groups, self.d_state, self.head_dim, ssm_state,
+        )
+        group_channels = self.d_inner // self.n_groups
+        inv_rms = torch.rsqrt(squares.unflatten(-1, (self.n_groups, -1)).sum(-1) / group_channels + self.norm.eps)
+        if self.n_groups == 1:
+            return (self.out_proj(u).float() * inv_rms).to(u.dtype)
+        return self.out_proj((u.unflatten(-1, (self.n_groups, -1)).float() * inv_rms.unsqueeze(-1)).flatten(-2).to(u.dtype))
 
     def decode(self, proj: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
         """One token from its input projection proj [B, in_proj rows]; returns the SSM output

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from phasewatt.models import linear_ops
 from phasewatt.models.decoder import PREFILL_CHUNK_TOKENS, lm_head_linear
 from phasewatt.models.gemv import norm_linear
 
@@ -38,13 +37,15 @@ class RecurrentModel(nn.Module):
 
     @property
     def prefill_backend(self) -> str:
-        """'auto' (fla's kernels on CUDA, the torch chunked form elsewhere), 'torch' or 'fla'."""
+        """'auto' (the GPU kernels on CUDA, the torch chunked form elsewhere), 'torch', 'fla'
+        (fla's public chunked ops), or a mixer's own (its prefill_backends: Mamba2's 'triton')."""
         return self.layers[0].mixer.backend
 
     @prefill_backend.setter
     def prefill_backend(self, backend: str) -> None:
-        if backend not in linear_ops.BACKENDS:
-            raise ValueError(f"prefill_backend '{backend}'; allowed: " + ", ".join(linear_ops.BACKENDS))
+        allowed = self.layers[0].mixer.prefill_backends
+        if backend not in allowed:
+            raise ValueError(f"prefill_backend '{backend}'; allowed: " + ", ".join(allowed))
         for layer in self.layers:
             layer.mixer.backend = backend
 
