@@ -160,6 +160,15 @@ def test_prefill_backends_and_the_kernel_op_shapes_on_cpu():
     assert (tuple(squares.shape), squares.dtype) == ((3, 7, mixer.n_heads * blocks), torch.float32)
 
 
+def test_triton_backend_on_cpu_without_the_interpreter_is_refused(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model = Mamba2Model(tiny_spec(False))
+    model.prefill_backend = "triton"
+    model.setup_caches(1, 8)
+    with pytest.raises(ValueError, match="prefill backend 'triton' needs CUDA tensors"):
+        model.prefill(torch.zeros(1, 4, dtype=torch.long))
+
+
 def test_kernel_launcher_refuses_misfit_shapes_before_any_launch():
     from phasewatt.models import ssd_prefill
 
@@ -170,3 +179,5 @@ def test_kernel_launcher_refuses_misfit_shapes_before_any_launch():
         ssd_prefill.mamba2_prefill_kernels(proj, *args, mixer.make_state(1)[1])
     with pytest.raises(ValueError, match="ssm_state"):
         ssd_prefill.mamba2_prefill_kernels(proj[..., :-1], *args, torch.zeros(1, mixer.n_heads, mixer.d_state, mixer.head_dim, dtype=torch.float64))
+    with pytest.raises(ValueError, match="needed contiguous float32"):  # the kernel writes it as packed rows
+        ssd_prefill.mamba2_prefill_kernels(proj[..., :-1], *args, mixer.make_state(1)[1].transpose(-1, -2).contiguous().transpose(-1, -2))

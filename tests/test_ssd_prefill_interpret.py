@@ -80,8 +80,9 @@ def test_kernels_clamp_the_time_step():
 
 
 def test_kernels_in_half_precision_stay_within_rounding():
-    """fp16 (bf16's dot is missing from the interpreter): the kernels round x, v, B, C and the
-    chunk states to the model dtype, as fla does; the float32 torch form is the reference."""
+    """fp16 (bf16's dot is missing from the interpreter): the kernels round x, B, C, v, the
+    decayed scores and the chunk states to the model dtype, as fla does; the float32 torch form
+    is the reference."""
     mixer = tiny_mixer(1)
     h = torch.randn(2, 130, 64, generator=torch.Generator().manual_seed(9))
     expected = prefill(mixer, h, "torch")
@@ -92,7 +93,8 @@ def test_kernels_in_half_precision_stay_within_rounding():
 
 def test_kernels_take_a_projection_with_padded_rows():
     """Inductor may pad a matrix product's row stride (flexible_layout lets it hand that over):
-    a projection inside wider rows gives the packed one's results."""
+    a projection inside wider rows gives the packed one's results, and so does one whose
+    channels are not unit-stride (packed by the launcher first)."""
     from phasewatt.models import ssd_prefill
 
     mixer = tiny_mixer(2)
@@ -100,11 +102,13 @@ def test_kernels_take_a_projection_with_padded_rows():
     wide = torch.randn(2, 75, width + 24, generator=torch.Generator().manual_seed(2))
     args = (mixer.conv_weight, mixer.conv_bias, mixer.dt_bias, mixer.A_log, mixer.D, mixer.norm.weight, (0.0, float("inf")), 2, mixer.d_state, mixer.head_dim)
     results = []
-    for proj in (wide[..., :width], wide[..., :width].contiguous()):
+    packed = wide[..., :width].contiguous()
+    for proj in (wide[..., :width], packed, packed.mT.contiguous().mT):  # padded rows; packed; channels not unit-stride
         ssm = mixer.make_state(2)[1]
         results.append((*ssd_prefill.mamba2_prefill_kernels(proj, *args, ssm), ssm))
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+    for other in results[1:]:
+        for a, b in zip(other, results[0]):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("blocks", [
@@ -128,3 +132,54 @@ def test_block_sizes_change_only_the_summation_order(blocks):
     torch.testing.assert_close(ssm_blocks, ssm_default, rtol=1e-5, atol=1e-6)
     per_head = lambda squares: squares.unflatten(-1, (mixer.n_heads, -1)).sum(-1)  # noqa: E731
     torch.testing.assert_close(per_head(squares_blocks), per_head(squares_default), rtol=1e-5, atol=1e-5)
+
+
+def test_twenty_heads_span_two_time_step_programs():
+    """More heads than a time-step program covers (STEPS_BLOCK_HEADS), and head_dim 8 under
+    tl.dot's 16 (masked tiles)."""
+    from phasewatt.models import ssd_prefill
+
+    assert 20 > ssd_prefill.STEPS_BLOCK_HEADS
+    entry = dict(arch="mamba2", n_layers=1, d_model=80, d_state=16, head_dim=8, expand=2, n_groups=1, conv_size=4, chunk_size=8, vocab_size=64)
+    mixer = build_model(ModelSpec.from_config("mamba2-heads", entry), device="cpu", dtype=torch.float32, seed=3).layers[0].mixer
+    with torch.no_grad():
+        mixer.dt_bias.copy_(torch.linspace(-6.0, 2.0, 20))  # every head its own time step
+    h = torch.randn(2, 80, 80, generator=torch.Generator().manual_seed(5))
+    for a, b in zip(prefill(mixer, h, "triton"), prefill(mixer, h, "torch")):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_conv_without_bias_is_the_conv_with_a_zero_bias():
+    from phasewatt.models import ssd_prefill
+
+    mixer = tiny_mixer(1)
+    proj = torch.randn(1, 40, mixer.in_proj.weight.shape[0], generator=torch.Generator().manual_seed(6))
+    rest = (mixer.dt_bias, mixer.A_log, mixer.D, mixer.norm.weight, (0.0, float("inf")), 1, mixer.d_state, mixer.head_dim)
+    without = ssd_prefill.mamba2_prefill_kernels(proj, mixer.conv_weight, None, *rest, mixer.make_state(1)[1])
+    zero = ssd_prefill.mamba2_prefill_kernels(proj, mixer.conv_weight, torch.zeros_like(mixer.conv_bias), *rest, mixer.make_state(1)[1])
+    with_bias = ssd_prefill.mamba2_prefill_kernels(proj, mixer.conv_weight, mixer.conv_bias, *rest, mixer.make_state(1)[1])
+    assert torch.equal(without[0], zero[0]) and not torch.equal(without[0], with_bias[0])
+
+
+def test_float16_stays_finite_where_u_exceeds_its_range():
+    """u is not normed yet when it leaves the kernel: in float16 it comes back in float32 and
+    is normed before the output projection (large projections put it past 65504)."""
+    mixer = tiny_mixer(1)
+    with torch.no_grad():
+        mixer.in_proj.weight.mul_(30.0)
+    h = torch.randn(1, 70, 64, generator=torch.Generator().manual_seed(8))
+    expected = prefill(mixer, h, "torch")[0]
+    got = prefill(mixer.half(), h.half(), "triton")[0]
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_op_passes_opcheck(dtype):
+    """The op's schema (ssm_state mutated), its fake (shapes and dtypes) and its dispatch."""
+    from phasewatt.models import ssd_prefill
+
+    mixer = tiny_mixer(2).to(dtype)
+    proj = torch.randn(2, 30, mixer.in_proj.weight.shape[0] + 8, generator=torch.Generator().manual_seed(4)).to(dtype)[..., :-8]
+    args = (proj, mixer.conv_weight, mixer.conv_bias, mixer.dt_bias, mixer.A_log, mixer.D, mixer.norm.weight, 0.0, float("inf"), 2, mixer.d_state, mixer.head_dim, mixer.make_state(2)[1])
+    torch.library.opcheck(ssd_prefill.mamba2_prefill_ssd, args)

@@ -8,8 +8,10 @@ short causal convolutions, in three forms:
   host syncs and data-dependent shapes so that a CUDA graph can capture it. On CUDA, Mamba2's
   SSD step and the conv step + SiLU run as Triton kernels of this module instead, each wrapped
   in a custom op so that torch.compile and CUDA graphs take it whole.
-- fla-core's Triton kernels: the prefill path on CUDA. fla is imported only when the tensors
-  are on a CUDA device, so the CPU path never touches triton.
+- fla-core's Triton kernels: Gated DeltaNet's prefill path on CUDA, and Mamba2's with its
+  prefill backend 'fla' (its default on CUDA is models/ssd_prefill.py, which shares B and C
+  across a group's heads). fla is imported only when the tensors are on a CUDA device, so the
+  CPU path never touches triton.
 
 Layouts follow fla: q, k [B, T, H, K], v [B, T, H, V], per-head gates g, beta [B, T, H];
 the state of one sequence and head is a [K, V] matrix kept in float32, and a token reads it as

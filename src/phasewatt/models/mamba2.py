@@ -17,6 +17,7 @@ Optional spec.extra key: time_step_limit [min, max] (default no limit, as transf
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +115,8 @@ class Mamba2Mixer(nn.Module):
 
     def prefill(self, h: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
         proj = self.in_proj(h)
+        if self.backend == "triton" and not proj.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("prefill backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 with triton installed)")
         if self.backend == "triton" or (self.backend == "auto" and proj.is_cuda):
             return self._prefill_kernels(proj, conv_state, ssm_state)
         z, xbc, dt = self._split(proj)
@@ -137,9 +140,10 @@ class Mamba2Mixer(nn.Module):
         )
         group_channels = self.d_inner // self.n_groups
         inv_rms = torch.rsqrt(squares.unflatten(-1, (self.n_groups, -1)).sum(-1) / group_channels + self.norm.eps)
-        if self.n_groups == 1:
-            return (self.out_proj(u).float() * inv_rms).to(u.dtype)
-        return self.out_proj((u.unflatten(-1, (self.n_groups, -1)).float() * inv_rms.unsqueeze(-1)).flatten(-2).to(u.dtype))
+        if self.n_groups == 1 and u.dtype == proj.dtype:
+            return (self.out_proj(u).float() * inv_rms).to(proj.dtype)
+        # Several groups, or float16 (u came back in float32: normed before the product).
+        return self.out_proj((u.unflatten(-1, (self.n_groups, -1)).float() * inv_rms.unsqueeze(-1)).flatten(-2).to(proj.dtype))
 
     def decode(self, proj: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
         """One token from its input projection proj [B, in_proj rows]; returns the SSM output

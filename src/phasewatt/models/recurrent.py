@@ -104,8 +104,9 @@ class RecurrentModel(nn.Module):
 
     def compile_prefill(self, mode: str = "default", dynamic: bool | None = None, backend: str = "inductor") -> None:
         """torch.compile each block's prefill on its own: the norms, projections' epilogues,
-        conv activation, gates and MLP fuse; fla's kernels stay outside the graphs (a graph
-        break at linear_ops' fla call), so the block compiles as a few graphs, not one.
+        conv activation, gates and MLP fuse; fla's kernels (Gated DeltaNet's, Mamba2's with
+        backend 'fla') stay outside the graphs (a graph break at linear_ops' fla call), so such
+        a block compiles as a few graphs; Mamba2's own kernels are one custom op in its graph.
         Another backend (eager, aot_eager) checks the tracing without a GPU."""
         how = {"mode": mode} if backend == "inductor" else {"backend": backend}
         for layer in self.layers:

@@ -21,8 +21,9 @@ around it: on an H100, ~175 us per layer of elementwise work against ~120 us of 
 v = x * dt is formed in registers where it is used, never written out.
 
 The algorithm is the SSD's chunked form (Mamba2 paper, section 6; fla's chunked simple GLA
-computes the same with per-head B and C). States between chunks are rounded to the model
-dtype before the output product, as fla's are; everything else accumulates in float32.
+computes the same with per-head B and C). The inputs of the products (x, B, C, v, the decayed
+scores and the chunk states) are rounded to the model dtype, as fla's are; every product and
+sum accumulates in float32.
 The maths in torch (the CPU path and the reference) is Mamba2Mixer's own prefill.
 """
 
@@ -34,8 +35,9 @@ import math
 import torch
 
 CHUNK = 64  # tokens per chunk: the g cumsum, the state kernel and the output kernel share it
-# Block sizes: the best of each kernel's in an H200 sweep (benchmarks/ssd_prefill_bench.py,
-# RESULTS.md round 6; the kernels are independent, so each kernel's best is kept).
+# Block sizes: for each kernel, its best single change in an H200 sweep of one change at a
+# time (benchmarks/ssd_prefill_bench.py, RESULTS.md round 6); the kernels are independent,
+# but the combination was timed afterwards only, not swept.
 DEFAULT_BLOCKS = {
     "conv_t": 32, "conv_c": 64, "conv_warps": 2,  # tokens and channels per conv program
     "states_k": 64, "states_v": 32, "states_warps": 4, "states_stages": 3,
@@ -56,14 +58,20 @@ def output_v_blocks(head_dim: int) -> int:
     return -(-head_dim // _dot_block(head_dim, DEFAULT_BLOCKS["output_v"]))
 
 
+def u_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype u comes back in: the model's, but float32 for float16, whose range (65504)
+    u, not yet normed, and its un-normed output projection can exceed."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def mamba2_prefill_kernels(
     proj: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None, dt_bias: torch.Tensor,
     a_log: torch.Tensor, d_skip: torch.Tensor, norm_weight: torch.Tensor, time_step_limit: tuple[float, float],
     n_groups: int, d_state: int, head_dim: int, ssm_state: torch.Tensor, blocks: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """From the input projection proj [B, T, z | x B C | dt] of a prompt: the gated, weighted
-    SSD output u * norm_weight [B, T, d_inner] in proj's dtype (u = (y + D x) * SiLU(z), not yet
-    normed) and the float32 sums of squares of u [B, T, heads * v_blocks] over blocks of each
+    SSD output u * norm_weight [B, T, d_inner] in proj's dtype, float32 for float16 (u_dtype;
+    u = (y + D x) * SiLU(z), not yet normed) and the float32 sums of squares of u [B, T, heads * v_blocks] over blocks of each
     head's channels (output_v_blocks; a group's heads are consecutive); the final SSD state is
     written to ssm_state [B, heads, d_state, head_dim] (float32). proj's rows may be padded
     (any row stride). On any device Triton runs on (CUDA; CPU tensors under TRITON_INTERPRET=1)."""
@@ -77,13 +85,18 @@ def mamba2_prefill_kernels(
             f"mamba2_prefill_kernels: proj [{batch}, {length}, {width_proj}] and conv_weight {tuple(conv_weight.shape)} do not fit "
             f"{heads} heads of {head_dim}, {n_groups} groups of d_state {d_state}"
         )
-    if heads % n_groups or tuple(ssm_state.shape) != (batch, heads, d_state, head_dim) or ssm_state.dtype != torch.float32:
+    state_fits = tuple(ssm_state.shape) == (batch, heads, d_state, head_dim) and ssm_state.dtype == torch.float32
+    if heads % n_groups or not state_fits or not ssm_state.is_contiguous():
         raise ValueError(
-            f"mamba2_prefill_kernels: ssm_state {tuple(ssm_state.shape)} {ssm_state.dtype}; needed float32 "
+            f"mamba2_prefill_kernels: ssm_state {tuple(ssm_state.shape)} {ssm_state.dtype}; needed contiguous float32 "
             f"[{batch}, {heads}, {d_state}, {head_dim}] with {n_groups} groups dividing {heads} heads"
         )
     if proj.stride(-1) != 1:
         proj = proj.contiguous()
+    # The per-channel and per-head vectors are indexed as packed.
+    conv_bias, dt_bias, a_log, d_skip, norm_weight = (
+        None if t is None else t.contiguous() for t in (conv_bias, dt_bias, a_log, d_skip, norm_weight)
+    )
     blocks = {**DEFAULT_BLOCKS, **(blocks or {})}
     n_chunks = -(-length // CHUNK)
     steps = (float(time_step_limit[0]), float(time_step_limit[1]), RCP_LN2)
@@ -105,15 +118,16 @@ def mamba2_prefill_kernels(
     )
     states = torch.empty(batch, n_chunks, heads, d_state, head_dim, device=proj.device, dtype=proj.dtype)
     block_k, block_v = _dot_block(d_state, blocks["states_k"]), _dot_block(head_dim, blocks["states_v"])
-    kernels["states"][(-(-d_state // block_k) * -(-head_dim // block_v), batch * heads)](
+    # Sequences x heads on grid axis 0 (up to 2^31 - 1; axes 1 and 2 stop at 65535).
+    kernels["states"][(batch * heads, -(-d_state // block_k) * -(-head_dim // block_v))](
         xbc, dt, g, states, ssm_state, length, n_chunks,
         **shapes, BT=CHUNK, BK=block_k, BV=block_v, num_warps=blocks["states_warps"], num_stages=blocks["states_stages"],
     )
     block_k, block_v = _dot_block(d_state, blocks["output_k"]), _dot_block(head_dim, blocks["output_v"])
     v_blocks = -(-head_dim // block_v)
-    u = torch.empty(batch, length, d_inner, device=proj.device, dtype=proj.dtype)
+    u = torch.empty(batch, length, d_inner, device=proj.device, dtype=u_dtype(proj.dtype))
     squares = torch.empty(batch, length, heads, v_blocks, device=proj.device, dtype=torch.float32)
-    kernels["output"][(n_chunks * v_blocks, batch * heads)](
+    kernels["output"][(batch * heads, n_chunks * v_blocks)](
         xbc, proj, dt, g, states, d_skip, norm_weight, u, squares, length, n_chunks, proj.stride(0), proj.stride(1),
         **shapes, BT=CHUNK, BK=block_k, BV=block_v, V_BLOCKS=v_blocks,
         num_warps=blocks["output_warps"], num_stages=blocks["output_stages"],
@@ -200,9 +214,9 @@ def _kernels() -> dict:
     ):
         # One head of one sequence, a [BK, BV] block of its state, carried chunk to chunk:
         # S <- exp2(g_last) S + B^T (x dt exp2(g_last - g)), the state before each chunk stored.
-        i_kv = tl.program_id(0)
-        i_b = tl.program_id(1) // HEADS
-        i_h = tl.program_id(1) % HEADS
+        i_kv = tl.program_id(1)
+        i_b = tl.program_id(0) // HEADS
+        i_h = tl.program_id(0) % HEADS
         i_g = i_h // (HEADS // GROUPS)
         n_v: tl.constexpr = (P + BV - 1) // BV
         rk = (i_kv // n_v) * BK + tl.arange(0, BK)
@@ -212,7 +226,7 @@ def _kernels() -> dict:
         kv_offsets = rk[:, None] * P + rv[None, :]
         # Pointers to the first chunk, advanced by a chunk each iteration.
         chunk_xbc = xbc_ptr + i_b.to(tl.int64) * T * CONV_DIM
-        chunk_steps = tl.program_id(1).to(tl.int64) * NT * BT  # dt and g of this sequence and head
+        chunk_steps = tl.program_id(0).to(tl.int64) * NT * BT  # dt and g of this sequence and head
         chunk_state = states_ptr + (i_b.to(tl.int64) * NT * HEADS + i_h) * (N * P)
         state = tl.zeros((BK, BV), dtype=tl.float32)
         for i_t in range(NT):
@@ -238,10 +252,10 @@ def _kernels() -> dict:
     ):
         # One chunk of one head, BV of its channels: y = (C S_start) exp2(g) + (C B^T * decay,
         # causal) x dt, then u = (y + D x) * SiLU(z); stores u * norm weight and sum(u^2).
-        i_t = tl.program_id(0) // V_BLOCKS
-        i_vb = tl.program_id(0) % V_BLOCKS
-        i_b = tl.program_id(1) // HEADS
-        i_h = tl.program_id(1) % HEADS
+        i_t = tl.program_id(1) // V_BLOCKS
+        i_vb = tl.program_id(1) % V_BLOCKS
+        i_b = tl.program_id(0) // HEADS
+        i_h = tl.program_id(0) % HEADS
         i_g = i_h // (HEADS // GROUPS)
         t0 = i_t * BT
         lt = tl.arange(0, BT)
@@ -263,7 +277,7 @@ def _kernels() -> dict:
             s = tl.load(chunk_state + rk[:, None] * P + rv[None, :], mask=k_ok[:, None] & v_ok[None, :], other=0.0)
             y = tl.dot(c, s, y)
             scores = tl.dot(c, b_t, scores)
-        chunk_steps = tl.program_id(1).to(tl.int64) * NT * BT + t0
+        chunk_steps = tl.program_id(0).to(tl.int64) * NT * BT + t0
         dt = tl.load(dt_ptr + chunk_steps + lt)
         g = tl.load(g_ptr + chunk_steps + lt)
         causal = lt[:, None] >= lt[None, :]
@@ -302,6 +316,6 @@ def mamba2_prefill_ssd(
 def _(proj, conv_weight, conv_bias, dt_bias, a_log, d_skip, norm_weight, dt_min, dt_max, n_groups, d_state, head_dim, ssm_state):
     heads = a_log.shape[0]
     return (
-        proj.new_empty(*proj.shape[:-1], heads * head_dim),
+        proj.new_empty(*proj.shape[:-1], heads * head_dim, dtype=u_dtype(proj.dtype)),
         proj.new_empty(*proj.shape[:-1], heads * output_v_blocks(head_dim), dtype=torch.float32),
     )
