@@ -10,6 +10,9 @@ bfloat16:
   bf16 also the torch.compile'd step (compile_decode) captured in a graph.
 With --full it also times the config.yaml shapes (bf16, fla prefill, compiled graph decode)
 and reports the decode step's achieved bandwidth against the spec's HBM bytes.
+Mamba2's prefill on CUDA defaults to its own kernels (backend 'triton', models/ssd_prefill.py),
+which tests/test_ssd_prefill_gpu.py and benchmarks/ssd_prefill_bench.py check; this script
+checks and times the 'fla' paths.
 
     PYTHONPATH=src python3 benchmarks/check_linear_gpu.py [--full]
 

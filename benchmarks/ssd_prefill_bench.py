@@ -11,7 +11,8 @@ per layer, in the same run:
 - the kernels alone at their default block sizes, then with some of
   ssd_prefill.DEFAULT_BLOCKS changed (SWEEP);
 - the kernels of each backend's blocks (torch.profiler, launched without the graph).
-Each row's output is checked against the 'fla' row (relative error of the last block's output).
+rel err: the 'triton' block row's output against the 'fla' row's (last block), and each swept
+kernels row's u against the default kernels row's; the other rows are not checked.
 
 GPU (about a minute; never changes power limits or clocks):
     OUT=/some/dir PYTHONPATH=src python3 benchmarks/ssd_prefill_bench.py
@@ -37,11 +38,12 @@ from phasewatt.models.registry import build_model
 from phasewatt.models.spec import ModelSpec
 
 MAMBA2_2_7B = dict(arch="mamba2", d_model=2560, d_state=128, head_dim=64, expand=2, n_groups=1, conv_size=4, chunk_size=256, vocab_size=256, tied_embeddings=True)
-# Block sizes tried against the defaults: each alone, then combinations of the ones that helped.
+# Block sizes tried against the defaults (ssd_prefill.DEFAULT_BLOCKS), one kernel's at a time:
+# the values the defaults replaced, and neighbours.
 SWEEP = [
-    {"conv_t": 64}, {"conv_c": 128}, {"conv_warps": 2}, {"conv_t": 64, "conv_warps": 2},
-    {"states_k": 32}, {"states_v": 32}, {"states_k": 32, "states_v": 32}, {"states_warps": 2}, {"states_stages": 2},
-    {"output_k": 128}, {"output_k": 32}, {"output_stages": 3}, {"output_k": 128, "output_stages": 3},
+    {"conv_warps": 4}, {"conv_c": 128}, {"conv_t": 64},
+    {"states_v": 64}, {"states_k": 32}, {"states_warps": 2}, {"states_stages": 2},
+    {"output_k": 64}, {"output_stages": 3}, {"output_warps": 8},
 ]
 
 
@@ -128,6 +130,8 @@ def main(argv=None) -> int:
             seconds, outs = graph_replay_seconds(kernels(change), args.reps)
             label = ", ".join(f"{key}={value}" for key, value in change.items())
             rows.append((f"the kernels alone, {label}", seconds * per_layer, rel_err(outs[-1], kernel_reference)))
+        seconds, _ = graph_replay_seconds(kernels({}), args.reps)
+        rows.append(("the kernels alone, default blocks again (drift over the sweep)", seconds * per_layer, None))
 
     env = environment(device)
     lines = [
