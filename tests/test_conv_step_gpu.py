@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _cuda_models import cpu_and_cuda_logits
 from _pdl_gpu import HOPPER, pdl_chain_matches_eager
 
 from phasewatt.models import linear_ops
@@ -105,25 +106,14 @@ def test_model_decode_on_cuda_matches_cpu(arch):
     """The wiring in the models: decode steps on CUDA (conv op through the kernel) give the
     logits of the same float32 model on CPU (torch form). Prefill runs the torch chunked form
     on both, so fla is not needed."""
-    from phasewatt.models.registry import build_model
     from phasewatt.models.spec import ModelSpec
 
     shapes = dict(n_layers=2, d_model=64, head_dim=16, conv_size=WIDTH, vocab_size=128, d_ff=96)
     shapes.update(dict(d_state=16, expand=2, n_groups=1, chunk_size=8) if arch == "mamba2" else dict(n_heads=2, expand_v=2))
     spec = ModelSpec.from_config(f"tiny-{arch}", dict(arch=arch, **shapes))
-    models = [build_model(spec, device="cpu", dtype=torch.float32, seed=2).eval() for _ in range(2)]
-    models[1].to("cuda")
     tokens = torch.tensor([[3, 17, 9, 40, 2], [8, 1, 77, 5, 60]])
-    logits = []
-    for model in models:
-        model.prefill_backend = "torch"
-        model.setup_caches(2, 16)
-        device = model.device
-        steps = [model.prefill(tokens.to(device))]
-        for t in range(3):
-            steps.append(model.decode(torch.tensor([11 + t, 90 - t], device=device), torch.tensor([5 + t], device=device)))
-        logits.append(torch.stack(steps).cpu())
-    torch.testing.assert_close(logits[1], logits[0], rtol=1e-3, atol=1e-3)
+    on_cpu, on_cuda = cpu_and_cuda_logits(spec, tokens, prefill_backend="torch")
+    torch.testing.assert_close(on_cuda, on_cpu, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.skipif(not HOPPER, reason="PDL needs compute capability >= 9.0")
