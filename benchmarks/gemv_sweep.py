@@ -54,6 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--rows", default="1", help="rows of x (decode batch sizes) to tune; the engine uses the kernel at batch 1")
     p.add_argument("--inductor-models", default="", help="models whose plain shapes are also timed through inductor (slow to compile)")
     p.add_argument("--budget-s", type=float, default=360.0, help="stop tuning new shapes after this many seconds")
+    p.add_argument("--only-missing", action="store_true", help="tune only the shapes the package's table for this GPU lacks")
     p.add_argument("--write-table", default="auto", help="tuned table path; auto = the package's gemv_configs/<GPU>.json; none = do not write")
     p.add_argument("--out", default=os.environ.get("OUT"))
     p.add_argument("--smoke", action="store_true", help="CPU: list the shapes and time F.linear only")
@@ -114,6 +115,12 @@ def candidate_configs(rows: int, k: int) -> list[dict]:
         if bucket > 1 and stages == 3:
             continue
         configs.append({"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps, "num_stages": stages})
+    if bucket == 1 and 1024 < k <= 4096:
+        # A whole row per tile: under PDL a program then loads all its weights before its wait
+        # (the first tile is loaded early), which pays for small products. One K step: stages 1.
+        for block_n, warps in itertools.product((1, 2, 4), (4, 8)):
+            if block_n * k_cap <= 16384:
+                configs.append({"BLOCK_N": block_n, "BLOCK_K": k_cap, "num_warps": warps, "num_stages": 1})
     return configs
 
 
@@ -223,6 +230,10 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     results, table = [], {}
     order = sorted(products.items(), key=lambda item: -item[0][1] * item[0][2])
+    if args.only_missing:
+        known = gemv.load_table(device_name)
+        order = [item for item in order if not all(gemv.config_key(rows, item[0][1], item[0][2], item[0][0]) in known for rows in rows_list)]
+        print(f"--only-missing: {len(order)} shapes to tune", flush=True)
     for rows in rows_list:
         for (variant, n, k), users in order:
             if time.perf_counter() - started > args.budget_s:

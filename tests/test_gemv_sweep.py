@@ -73,3 +73,18 @@ def test_committed_tables_tune_every_product_of_the_configured_models():
         assert not missing, (name, missing)
     h100 = json.loads((gemv_sweep.gemv.CONFIG_DIR / "NVIDIA_H100_80GB_HBM3.json").read_text())["configs"]
     assert len(h100) >= H100_TUNED_AT_LEAST
+
+
+def test_candidates_include_whole_rows_for_rows_up_to_4096():
+    """Tiles of 256-1024 columns for every K; for 1024 < K <= 4096 at one row also tiles of a
+    whole (power-of-two padded) row, one K step; never a register tile past 16384 elements."""
+    for k in (768, 2560, 4096, 6400):
+        configs = gemv_sweep.candidate_configs(1, k)
+        k_cap = 1 << (k - 1).bit_length()
+        whole = [c for c in configs if c["BLOCK_K"] > 1024]
+        assert bool(whole) is (1024 < k <= 4096)
+        assert all(c["BLOCK_K"] == k_cap and c["num_stages"] == 1 for c in whole)
+        assert all(c["BLOCK_N"] * c["BLOCK_K"] <= 16384 for c in configs)
+        assert {c["BLOCK_K"] for c in configs if c["BLOCK_K"] <= 1024} == {b for b in (256, 512, 1024) if b <= max(k_cap, 128)}
+    assert not [c for c in gemv_sweep.candidate_configs(4, 2560) if c["BLOCK_K"] > 1024]
+
