@@ -13,7 +13,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from phasewatt.models import gemv, pdl  # noqa: E402
 
-if pdl._interpreted():
+if pdl.interpreted():
     pytest.skip("TRITON_INTERPRET=1: the kernel is not compiled", allow_module_level=True)
 
 ARGS = ["x_ptr", "w_ptr", "y_ptr", "d_ptr", "s_ptr", "z_ptr", "g_ptr", "r_ptr", "M", "N", "K", "stride_xm", "stride_zm",

@@ -15,7 +15,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from phasewatt.models import mla_attention as ma, pdl  # noqa: E402
 
-if pdl._interpreted():
+if pdl.interpreted():
     pytest.skip("TRITON_INTERPRET=1: the kernels are not compiled", allow_module_level=True)
 
 # MiniCPM3-4B: heads, kv_lora, rope, nope, v

@@ -17,14 +17,13 @@ Optional spec.extra key: time_step_limit [min, max] (default no limit, as transf
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from phasewatt.errors import ConfigError
-from phasewatt.models import linear_ops, ssd_prefill
+from phasewatt.models import linear_ops, pdl, ssd_prefill
 from phasewatt.models.gemv import Linear, gated_norm_residual, norm_linear
 from phasewatt.models.layers import RMSNorm
 from phasewatt.models.loader import HFTensors
@@ -114,9 +113,9 @@ class Mamba2Mixer(nn.Module):
         return self.norm(y.flatten(-2), z)
 
     def prefill(self, h: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
-        proj = self.in_proj(h)
-        if self.backend == "triton" and not proj.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        if self.backend == "triton" and not h.is_cuda and not pdl.interpreted():
             raise ValueError("prefill backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 with triton installed)")
+        proj = self.in_proj(h)
         if self.backend == "triton" or (self.backend == "auto" and proj.is_cuda):
             return self._prefill_kernels(proj, conv_state, ssm_state)
         z, xbc, dt = self._split(proj)

@@ -56,18 +56,18 @@ def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
 
-def _interpreted() -> bool:
+def interpreted() -> bool:
     """Whether Triton runs kernels in its interpreter (read by triton when a kernel is built)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _decide(device: torch.device) -> dict:
     """pdl_launch_args for a launch on `device` now."""
-    interpreted = _interpreted()
+    in_interpreter = interpreted()
     capability = None
-    if device.type == "cuda" and not interpreted:
+    if device.type == "cuda" and not in_interpreter:
         capability = _capability(device.index if device.index is not None else torch.cuda.current_device())
-    return pdl_launch_args(capability, pdl_enabled(), interpreted)
+    return pdl_launch_args(capability, pdl_enabled(), in_interpreter)
 
 
 def launch_args(device: torch.device) -> dict:
