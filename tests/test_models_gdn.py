@@ -3,6 +3,8 @@ attention, dense MLPs) with the same weights, loaded from a saved checkpoint, on
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -139,3 +141,33 @@ def test_bad_value_heads_and_batch_are_refused():
         model.prefill_backend = "cuda"
     with pytest.raises(ValueError, match="prefill_backend 'triton'; allowed: auto, torch, fla$"):
         model.prefill_backend = "triton"  # Mamba2's own kernels
+
+
+def test_in_proj_rows_are_padded_to_16_byte_rows_that_nothing_reads(tmp_path):
+    """config.yaml's gdn has 13842 projection rows: padded to 13848 (a bf16 row of its output
+    then starts 16-byte aligned, which cuBLAS's Hopper GEMMs need); the pad rows are zero after
+    init and after a checkpoint load, and what they hold changes no output."""
+    import yaml
+
+    from phasewatt.models.gdn import IN_PROJ_ROW_MULTIPLE
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text())
+    real = ModelSpec.from_config("gdn", config["models"]["gdn"])
+    meta = GatedDeltaNetModel(real, device="meta")
+    assert meta.layers[0].mixer.in_proj_rows == 13842 and meta.layers[0].mixer.in_proj.out_features == 13848
+
+    spec = tiny_spec(2, False)  # 100 rows: 4 of pad
+    reference = reference_model(spec)
+    reference.save_pretrained(tmp_path)
+    ours = loaded(GatedDeltaNetModel(spec), tmp_path)
+    mixer = ours.layers[0].mixer
+    assert mixer.in_proj_pad == 4 and mixer.in_proj.out_features % IN_PROJ_ROW_MULTIPLE == 0
+    assert torch.all(mixer.in_proj.weight[mixer.in_proj_rows :] == 0)
+    assert torch.all(GatedDeltaNetModel(spec).layers[1].mixer.in_proj.weight[mixer.in_proj_rows :] == 0)
+    prompt = torch.randint(0, spec.vocab_size, (1, 20), generator=torch.Generator().manual_seed(4))
+    ours.setup_caches(1, 24)
+    expected = ours.prefill(prompt)
+    with torch.no_grad():
+        for layer in ours.layers:
+            layer.mixer.in_proj.weight[layer.mixer.in_proj_rows :].normal_()
+    assert torch.equal(ours.prefill(prompt), expected)

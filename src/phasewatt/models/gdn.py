@@ -11,7 +11,10 @@ through an RMSNorm gated by SiLU(z) and the output projection.
 Heads: n_heads key heads of head_dim, and n_v_heads value heads (spec.extra, default n_heads)
 of head_dim * expand_v; each key head serves n_v_heads / n_heads consecutive value heads.
 Every projection of one token (q, k, v, z, b, a) is a single matrix, so a decode step reads it
-in one product. State per layer and sequence: the conv window [2*key_dim + value_dim, W-1]
+in one product; its rows are padded with zero rows to a multiple of IN_PROJ_ROW_MULTIPLE, so
+that each token's row of its output starts 16-byte aligned (2*9*256 + 2*9*512 + 2*9 = 13842
+rows left cuBLAS only its Ampere "align2" GEMM for the prefill, 2.9x slower than the Hopper
+kernels on an H100: RESULTS.md, round 8). State per layer and sequence: the conv window [2*key_dim + value_dim, W-1]
 in the model dtype and the recurrent state [n_v_heads, head_dim, value_head_dim] in float32.
 """
 
@@ -30,6 +33,9 @@ from phasewatt.models.layers import SwiGLU
 from phasewatt.models.loader import CheckpointError, HFTensors
 from phasewatt.models.recurrent import RecurrentModel
 from phasewatt.models.spec import ModelSpec
+
+
+IN_PROJ_ROW_MULTIPLE = 8  # 16 bytes of bf16/fp16
 
 
 class ZeroCentredRMSNorm(nn.Module):
@@ -77,8 +83,12 @@ class GatedDeltaNetMixer(nn.Module):
         self.conv_dim = 2 * self.key_dim + self.value_dim
         self.scale = self.head_k_dim**-0.5
         factory = {"device": device, "dtype": dtype}
-        # Rows: q | k | v | z | b | a (each head-major).
-        self.in_proj = Linear(spec.d_model, self.conv_dim + self.value_dim + 2 * n_v_heads, bias=False, **factory)
+        # Rows: q | k | v | z | b | a (each head-major) | zero rows up to IN_PROJ_ROW_MULTIPLE.
+        self.in_proj_rows = self.conv_dim + self.value_dim + 2 * n_v_heads
+        self.in_proj_pad = -self.in_proj_rows % IN_PROJ_ROW_MULTIPLE
+        self.in_proj = Linear(spec.d_model, self.in_proj_rows + self.in_proj_pad, bias=False, **factory)
+        with torch.no_grad():
+            self.in_proj.weight[self.in_proj_rows :].zero_()
         self.conv_weight = nn.Parameter(torch.empty(self.conv_dim, spec.conv_size, **factory))
         self.A_log = nn.Parameter(torch.empty(n_v_heads, **factory))
         self.dt_bias = nn.Parameter(torch.empty(n_v_heads, **factory))
@@ -97,7 +107,7 @@ class GatedDeltaNetMixer(nn.Module):
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
     def _split(self, proj: torch.Tensor):
-        qkv, z, b, a = proj.split([self.conv_dim, self.value_dim, self.n_v_heads, self.n_v_heads], dim=-1)
+        qkv, z, b, a, _ = proj.split([self.conv_dim, self.value_dim, self.n_v_heads, self.n_v_heads, self.in_proj_pad], dim=-1)
         beta = b.sigmoid()
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
         return qkv, z, beta, g
@@ -128,7 +138,7 @@ class GatedDeltaNetMixer(nn.Module):
         return self.out_proj(self._gated(core, z))
 
     def decode(self, proj: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
-        """One token from its input projection proj [B, in_proj rows]; returns the core output
+        """One token from its input projection proj [B, in_proj rows, pad included]; returns the core output
         gated and normed per head [B, value_dim], before out_proj."""
         qkv, z, beta, g = self._split(proj)
         qkv = linear_ops.causal_conv1d_step_silu(qkv, conv_state, self.conv_weight)
@@ -156,7 +166,8 @@ class GatedDeltaNetMixer(nn.Module):
         b, a = ba.reshape(self.n_k_heads, 2 * group, d).split([group, group], dim=1)
         conv = _take_shaped(tensors, prefix + "conv1d.weight", (self.conv_dim, 1, self.conv_weight.shape[-1]))
         with torch.no_grad():
-            self.in_proj.weight.copy_(torch.cat([t.reshape(-1, d) for t in (q, k, v, z, b, a)]))
+            self.in_proj.weight[: self.in_proj_rows].copy_(torch.cat([t.reshape(-1, d) for t in (q, k, v, z, b, a)]))
+            self.in_proj.weight[self.in_proj_rows :].zero_()
             self.conv_weight.copy_(conv[:, 0])
         tensors.copy_into(self.A_log, prefix + "A_log")
         tensors.copy_into(self.dt_bias, prefix + "dt_bias")
