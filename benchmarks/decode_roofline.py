@@ -14,7 +14,9 @@ Variants: eager (no graph, no compile), graph (CUDA graph only), compile (graph 
 per-layer compiled step, the engine's default), compile-max (compile_mode
 max-autotune-no-cudagraphs), compile-nopdl (compile with the decode kernels'
 programmatic dependent launch off: pdl false), and the GEMV ablations compile-nogemv, -unfused,
--fused; a suffix +sdpa or +matmul picks the decode attention (gqa, mla).
+-fused; a suffix +sdpa or +matmul picks the decode attention (gqa, mla), and suffixes
+@option=value set native engine options (values read as YAML), e.g.
+compile@pdl=false or compile+matmul@gemv_max_rows=0@compile_mode=max-autotune-no-cudagraphs.
 --variants run at every configuration, --compare only at --compare-batches x
 --compare-prompts (a +sdpa/+matmul variant only where it is not the model's default on the
 device). Configurations run in --batches order (all models at the first batch, then the
@@ -52,7 +54,8 @@ import torch
 import yaml
 
 from phasewatt.config import exit_on_error, select_model_specs
-from phasewatt.engines.native import NativeEngine
+from phasewatt.engines.native import DEFAULT_OPTIONS, NativeEngine, resolve_options
+from phasewatt.errors import ConfigError
 from phasewatt.io import write_text
 from phasewatt.models.decoder import ALL_DECODE_ATTENTION
 from phasewatt.models.registry import MODEL_CLASSES, model_class
@@ -120,13 +123,24 @@ def names(text: str) -> list[str]:
 
 
 def variant_options(variant: str) -> dict:
-    """Engine options of a variant name such as compile+matmul."""
-    base, _, attention = variant.partition("+")
+    """Engine options of a variant name such as compile+matmul or compile+fused@pdl=false@gemv_max_rows=0."""
+    name, *overrides = variant.split("@")
+    base, _, attention = name.partition("+")
     if base not in VARIANTS or attention not in ("",) + ALL_DECODE_ATTENTION:
-        raise SystemExit(f"variant {variant!r}: allowed {', '.join(VARIANTS)}, optionally +" + ", +".join(ALL_DECODE_ATTENTION))
+        raise SystemExit(f"variant {variant!r}: allowed {', '.join(VARIANTS)}, optionally +" + ", +".join(ALL_DECODE_ATTENTION)
+                         + " and @option=value suffixes")
     options = dict(VARIANTS[base])
     if attention:
         options["decode_attention"] = attention
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq or key not in DEFAULT_OPTIONS:
+            raise SystemExit(f"variant {variant!r}: {item!r} is not option=value of a native engine option ({', '.join(DEFAULT_OPTIONS)})")
+        options[key] = yaml.safe_load(value)
+    try:
+        resolve_options(options)
+    except ConfigError as exc:
+        raise SystemExit(f"variant {variant!r}: {exc}") from None
     return options
 
 

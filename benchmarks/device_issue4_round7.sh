@@ -6,6 +6,7 @@
 #   OUT=/some/dir bash benchmarks/device_issue4_round7.sh              (about 9 minutes)
 #   TESTS_S=0 SWEEP_S=0 MLA_BENCH_S=100 MODELS=mla OUT=... bash benchmarks/device_issue4_round7.sh
 #   TESTS_S=0 SWEEP_ARGS= SWEEP_MODELS= OUT=... bash benchmarks/device_issue4_round7.sh   (re-tune MLA's shapes)
+#   TESTS_S=0 SWEEP_S=0 MODELS=mla BATCHES=1,8 VARIANTS=compile@l2_prefetch_mb=0,compile OUT=... bash ...   (round 8: L2 prefetch)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the directory that comes back}"
@@ -34,7 +35,7 @@ if [ "${MLA_BENCH_S:-0}" -gt 0 ]; then
     echo "mla_attention_bench exit $?"; grep -E "^\| 1 " "$OUT/mla_attention_bench.md" | cut -c1-160
 fi
 if [ "${ROOFLINE_S:-240}" -gt 0 ]; then
-    timeout "${ROOFLINE_S:-240}" python3 benchmarks/decode_roofline.py --models "${MODELS:-gqa,gqa-control,mla,gdn,mamba2}" --batches 1 \
+    timeout "${ROOFLINE_S:-240}" python3 benchmarks/decode_roofline.py --models "${MODELS:-gqa,gqa-control,mla,gdn,mamba2}" --batches "${BATCHES:-1}" \
         --prompts "${PROMPTS:-512}" --variants "${VARIANTS:-compile}" --compare "" --prefill-max-tokens "${PREFILL_MAX_TOKENS:-1}" \
         --budget-s "$((${ROOFLINE_S:-240} - 30))" --out "$OUT" >"$OUT/roofline.log" 2>&1
     echo "decode_roofline exit $?"; grep -E "^\| [a-z]" "$OUT/roofline.log" | cut -c1-180

@@ -587,6 +587,15 @@ def test_decode_roofline_variants_are_engine_options():
     assert decode_roofline.variant_options("compile-nopdl") == {**decode_roofline.variant_options("compile"), "pdl": False}
     for variant in decode_roofline.VARIANTS:
         resolve_options(decode_roofline.variant_options(variant))
+    # @option=value suffixes: any engine option, values read as YAML, checked like the engine's
+    assert decode_roofline.variant_options("compile@pdl=false") == decode_roofline.variant_options("compile-nopdl")
+    assert decode_roofline.variant_options("compile+matmul@gemv_max_rows=0@compile_mode=max-autotune-no-cudagraphs") == {
+        **decode_roofline.variant_options("compile"), "decode_attention": "matmul", "gemv_max_rows": 0,
+        "compile_mode": "max-autotune-no-cudagraphs",
+    }
+    for bad in ("compile@pdl", "compile@fast=1", "compile@gemv_max_rows=99", "compile+flash@pdl=false"):
+        with pytest.raises(SystemExit, match="variant"):
+            decode_roofline.variant_options(bad)
 
 
 def test_pdl_check_chain_reads_the_previous_output_where_wide_enough():
