@@ -23,7 +23,7 @@ from phasewatt.errors import ConfigError
 from phasewatt.models.decoder import ALL_DECODE_ATTENTION
 from phasewatt.models.gemv import AUTO_ROWS as GEMV_AUTO_ROWS, MAX_ROWS as GEMV_MAX_ROWS, fold_norm_weights, use_gemv
 from phasewatt.models.loader import load_checkpoint
-from phasewatt.models import pdl
+from phasewatt.models import greedy, pdl
 from phasewatt.models.registry import build_model, model_class
 
 DEFAULT_OPTIONS = {
@@ -234,7 +234,7 @@ class NativeEngine:
 
         with torch.no_grad():
             logits = self.model.prefill(self.prompt)
-            self.first_tokens.copy_(logits.argmax(dim=-1))
+            greedy.next_tokens_(logits, self.first_tokens)
 
     def _capture_prefill(self) -> float:
         """Capture the whole prefill (prompt -> caches/states and first tokens) as a CUDA
@@ -264,8 +264,7 @@ class NativeEngine:
     def _step(self) -> None:
         """One greedy decode step on the static buffers: next token and position in place."""
         logits = self._decode_fn(self.tokens, self.position)
-        self.tokens.copy_(logits.argmax(dim=-1))
-        self.position.add_(1)
+        greedy.next_tokens_(logits, self.tokens, self.position)
 
     def _warm_up(self) -> tuple[float, float]:
         """Run the decode step eagerly (on a side stream on CUDA, as capture requires); the
