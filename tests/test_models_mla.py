@@ -111,7 +111,7 @@ def test_both_decode_attentions_agree(reference):
     name, _, path = reference
     prompt = torch.randint(0, SHAPES["vocab_size"], (BATCH, PROMPT), generator=torch.Generator().manual_seed(4))
     logits = {}
-    for kind in ("matmul", "sdpa"):
+    for kind in ("matmul", "sdpa", "fused"):
         model = ours_for(name, path)
         model.set_decode_attention(kind)
         with torch.no_grad():
@@ -119,3 +119,25 @@ def test_both_decode_attentions_agree(reference):
             model.prefill(prompt)
             logits[kind] = model.decode(prompt[:, -1], torch.tensor([PROMPT]))
     torch.testing.assert_close(logits["sdpa"], logits["matmul"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits["fused"], logits["matmul"], atol=1e-5, rtol=1e-5)
+
+
+def test_fused_decode_builds_no_mask(reference, monkeypatch):
+    """The fused op masks by input_pos itself: a step that would build the mask kernels for it
+    fails here (the torch forms still get theirs)."""
+    from phasewatt.models import decoder
+
+    name, _, path = reference
+    built = []
+    real = decoder.decode_mask
+    monkeypatch.setattr(decoder, "decode_mask", lambda *a: built.append(1) or real(*a))
+    prompt = torch.randint(0, SHAPES["vocab_size"], (BATCH, PROMPT), generator=torch.Generator().manual_seed(4))
+    for kind, masks in (("fused", 0), ("matmul", 1)):
+        built.clear()
+        model = ours_for(name, path)
+        model.set_decode_attention(kind)
+        with torch.no_grad():
+            model.setup_caches(BATCH, PROMPT + 1)
+            model.prefill(prompt)
+            model.decode(prompt[:, -1], torch.tensor([PROMPT]))
+        assert len(built) == masks, kind

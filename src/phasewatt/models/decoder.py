@@ -160,7 +160,8 @@ class DecoderModel(nn.Module):
         fixed shapes and can be captured in a CUDA graph); logits [B, V]."""
         h = self._embed(tokens)
         delta = None
-        mask = decode_mask(self.positions, input_pos, h.dtype)
+        # The fused kernels mask by input_pos themselves: no mask kernels in their step.
+        mask = decode_mask(self.positions, input_pos, h.dtype) if self.decode_attention != "fused" else None
         for layer, cache in zip(self.layers, self.caches):
             h, delta = layer(h, delta, input_pos, self.rope_cos, self.rope_sin, mask, cache)
         return self.head(h, delta)
@@ -203,13 +204,16 @@ class DecoderModel(nn.Module):
         """torch.compile each layer and the head on their own (regional compilation): one
         compile serves every layer, and elementwise work (norms, rope, residuals, SiLU) fuses
         into a few kernels per layer. The layers' prefill stays eager (layer.prefill); the
-        compiled head serves prefill's last positions too.
+        compiled head serves prefill's last positions too, and a scaled embedding (MiniCPM3's)
+        is compiled as well.
         dynamic=None: the first shapes are compiled static, a later change of batch or cache
         length recompiles shape-generic (torch's automatic dynamic shapes). Another backend
         (eager, aot_eager) checks that every layer traces as one graph without a GPU."""
         how = {"mode": mode} if backend == "inductor" else {"backend": backend}
         for module in list(self.layers) + [self.head]:
             module.compile(dynamic=dynamic, fullgraph=True, **how)
+        if self.embed_scale != 1.0:  # the lookup and its scale in one kernel
+            self._embed = torch.compile(self._embed, dynamic=dynamic, fullgraph=True, **how)
 
     def compile_prefill(self, mode: str = "default", dynamic: bool | None = None, backend: str = "inductor") -> None:
         """torch.compile each layer's prefill on its own: eager, a prefill launches ~70 small
