@@ -16,7 +16,7 @@ PIPELINES = sorted(p for p in ROOT.glob("pipeline*") if (p / "measurements.csv")
 
 
 def test_the_reference_pipelines_are_there():
-    assert {p.name for p in PIPELINES} >= {"pipeline", "pipeline_h100", "pipeline_h100_round7"}
+    assert {p.name for p in PIPELINES} >= {"pipeline", "pipeline_h100", "pipeline_h100_round7", "pipeline_h100_round8"}
 
 
 @pytest.mark.parametrize("directory", PIPELINES, ids=[p.name for p in PIPELINES])
