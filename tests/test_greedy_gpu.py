@@ -3,19 +3,13 @@ CI). PHASEWATT_KERNEL_DEVICE=cpu with TRITON_INTERPRET=1 runs them through Trito
   TRITON_INTERPRET=1 PHASEWATT_KERNEL_DEVICE=cpu PYTHONPATH=src python -m pytest tests/test_greedy_gpu.py
 """
 
-import os
-
 import pytest
 import torch
 
+from _kernel_device import DEVICE, INTERPRETED, require_kernel_device
 from phasewatt.models import greedy
 
-DEVICE = os.environ.get("PHASEWATT_KERNEL_DEVICE", "cuda")
-INTERPRETED = DEVICE == "cpu"
-if INTERPRETED and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("PHASEWATT_KERNEL_DEVICE=cpu needs TRITON_INTERPRET=1", allow_module_level=True)
-if not INTERPRETED and not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+require_kernel_device()
 
 
 def logits_with_ties(batch: int, vocab: int, dtype) -> torch.Tensor:

@@ -7,23 +7,17 @@ broken): a check of the kernels' indexing on a machine without a GPU, e.g.
   TRITON_INTERPRET=1 PHASEWATT_KERNEL_DEVICE=cpu PYTHONPATH=src python -m pytest tests/test_mla_attention_gpu.py
 """
 
-import os
-
 import pytest
 import torch
 
+from _kernel_device import DEVICE, INTERPRETED, require_kernel_device
 from _pdl_gpu import HOPPER, assert_fused_follows_matmul_in_a_graph, pdl_chain_matches_eager
 from phasewatt.models import mla_attention as ma
 from phasewatt.models.layers import precompute_rope
 from phasewatt.models.mla import MLAModel
 from phasewatt.models.spec import ModelSpec
 
-DEVICE = os.environ.get("PHASEWATT_KERNEL_DEVICE", "cuda")
-INTERPRETED = DEVICE == "cpu"
-if INTERPRETED and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("PHASEWATT_KERNEL_DEVICE=cpu needs TRITON_INTERPRET=1", allow_module_level=True)
-if not INTERPRETED and not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+require_kernel_device()
 DTYPE = torch.float16 if INTERPRETED else torch.bfloat16
 
 # heads, kv_lora, rope, nope, v
