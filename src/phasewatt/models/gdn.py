@@ -14,8 +14,9 @@ Every projection of one token (q, k, v, z, b, a) is a single matrix, so a decode
 in one product; its rows are padded with zero rows to a multiple of IN_PROJ_ROW_MULTIPLE, so
 that each token's row of its output starts 16-byte aligned (2*9*256 + 2*9*512 + 2*9 = 13842
 rows left cuBLAS only its Ampere "align2" GEMM for the prefill, 2.9x slower than the Hopper
-kernels on an H100: RESULTS.md, round 8). State per layer and sequence: the conv window [2*key_dim + value_dim, W-1]
-in the model dtype and the recurrent state [n_v_heads, head_dim, value_head_dim] in float32.
+kernels on an H100: RESULTS.md, round 8). State per layer and sequence: the conv window
+[2*key_dim + value_dim, W-1] in the model dtype and the recurrent state [n_v_heads, head_dim,
+value_head_dim] in float32.
 """
 
 from __future__ import annotations
@@ -138,8 +139,8 @@ class GatedDeltaNetMixer(nn.Module):
         return self.out_proj(self._gated(core, z))
 
     def decode(self, proj: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
-        """One token from its input projection proj [B, in_proj rows, pad included]; returns the core output
-        gated and normed per head [B, value_dim], before out_proj."""
+        """One token from its input projection proj [B, in_proj rows, pad included]; returns the
+        core output gated and normed per head [B, value_dim], before out_proj."""
         qkv, z, beta, g = self._split(proj)
         qkv = linear_ops.causal_conv1d_step_silu(qkv, conv_state, self.conv_weight)
         q, k, v = self._heads(qkv)
