@@ -411,7 +411,7 @@ def plan(specs: list[ModelSpec], args) -> list[tuple]:
 def _applies(variant: str, spec: ModelSpec, on_cuda: bool) -> bool:
     """Whether a variant is worth a row for this model: a +sdpa/+matmul suffix only where the
     model has that choice and it is not what the engine picks on this device anyway."""
-    attention = variant.partition("+")[2]
+    attention = variant.split("@")[0].partition("+")[2]
     if not attention:
         return True
     cls = model_class(spec.arch)

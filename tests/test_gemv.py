@@ -596,6 +596,14 @@ def test_decode_roofline_variants_are_engine_options():
     for bad in ("compile@pdl", "compile@fast=1", "compile@gemv_max_rows=99", "compile+flash@pdl=false"):
         with pytest.raises(SystemExit, match="variant"):
             decode_roofline.variant_options(bad)
+    # a suffix does not hide the attention from the compare points' filter
+    from phasewatt.models.spec import ModelSpec
+
+    mla = ModelSpec.from_config("tiny-mla", decode_roofline.SMOKE_MODELS["mla"])
+    for on_cuda in (True, False):
+        for attention in ("matmul", "sdpa", "fused"):
+            plain = decode_roofline._applies(f"compile+{attention}", mla, on_cuda)
+            assert decode_roofline._applies(f"compile+{attention}@pdl=false", mla, on_cuda) == plain
 
 
 def test_pdl_check_chain_reads_the_previous_output_where_wide_enough():

@@ -62,3 +62,19 @@ def test_captured_step_advances_on_every_replay():
         graph.replay()
         torch.cuda.synchronize()
         assert tokens.tolist() == logits.argmax(dim=-1).tolist() and position.item() == step + 1
+
+
+@pytest.mark.parametrize("vocab", [700, 2 * greedy.CHUNK + 5])
+def test_nan_counts_as_minus_infinity(vocab):
+    """A row of NaN only gives argmax's 0; a row with some NaN the maximum of the rest (never an
+    index outside the vocabulary, which the next step's embedding would read out of range)."""
+    logits = torch.randn(3, vocab, device=DEVICE)
+    logits[0] = float("nan")
+    logits[1, vocab // 2] = float("nan")
+    logits[2, :] = float("nan")
+    logits[2, vocab - 1] = 1.0
+    tokens = torch.full((3,), -1, dtype=torch.long, device=DEVICE)
+    greedy.triton_next_tokens_(logits, tokens)
+    expected = torch.nan_to_num(logits, nan=float("-inf")).argmax(dim=-1)
+    expected[0] = 0
+    assert tokens.tolist() == expected.tolist() and tokens[2].item() == vocab - 1

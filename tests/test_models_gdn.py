@@ -165,9 +165,16 @@ def test_in_proj_rows_are_padded_to_16_byte_rows_that_nothing_reads(tmp_path):
     assert torch.all(mixer.in_proj.weight[mixer.in_proj_rows :] == 0)
     assert torch.all(GatedDeltaNetModel(spec).layers[1].mixer.in_proj.weight[mixer.in_proj_rows :] == 0)
     prompt = torch.randint(0, spec.vocab_size, (1, 20), generator=torch.Generator().manual_seed(4))
-    ours.setup_caches(1, 24)
-    expected = ours.prefill(prompt)
+
+    def prefill_and_decode():
+        ours.setup_caches(1, 24)
+        logits = [ours.prefill(prompt)]
+        for t in range(2):
+            logits.append(ours.decode(torch.tensor([3 + t]), torch.tensor([20 + t])))
+        return logits
+
+    expected = prefill_and_decode()
     with torch.no_grad():
         for layer in ours.layers:
             layer.mixer.in_proj.weight[layer.mixer.in_proj_rows :].normal_()
-    assert torch.equal(ours.prefill(prompt), expected)
+    assert all(torch.equal(a, b) for a, b in zip(prefill_and_decode(), expected))

@@ -6,15 +6,18 @@ H100 (RESULTS.md, round 7), followed by a copy into the token buffer and the pos
 splits each row into CHUNK-wide slices, one program each, and writes every slice's max and the
 first index reaching it; a second, one program per row, picks the first slice holding the
 row's max, writes the token in place and (its first program) advances the position. The result
-is torch.argmax's: the first index of the maximum (NaN logits aside: torch treats NaN as the
-maximum, these kernels ignore it).
+is torch.argmax's: the first index of the maximum. NaN logits aside: torch takes the first NaN
+as the maximum; here NaN counts as -inf, so a row with some NaN gives the maximum of the rest
+and a row of NaN only index 0 (as torch).
 
-On CPU tensors (and in the engine's eager fallbacks) it is torch.argmax, copy and add.
+Elsewhere (CPU tensors, logits not in float16/bfloat16/float32, a CUDA torch without Triton)
+it is torch.argmax, copy and add.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import torch
 
@@ -22,14 +25,17 @@ from phasewatt.models import pdl
 
 CHUNK = 1024
 WARPS = 4
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # compared in float32 without loss
 
 
 def next_tokens_(logits: torch.Tensor, tokens: torch.Tensor, position: torch.Tensor | None = None) -> None:
     """tokens[b] = argmax(logits[b]) for logits [B, V] (the first index of the maximum), and
-    position += 1 when given; both in place (static buffers of a captured step)."""
+    position [1] += 1 when given; both in place (static buffers of a captured step)."""
     if logits.dim() != 2 or tokens.shape != (logits.shape[0],):
         raise ValueError(f"next_tokens_: logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)}; need [B, V] and [B]")
-    if not logits.is_cuda:
+    if position is not None and position.shape != (1,):
+        raise ValueError(f"next_tokens_: position {tuple(position.shape)}; need [1]")
+    if not (logits.is_cuda and logits.dtype in KERNEL_DTYPES and _triton_importable()):
         tokens.copy_(logits.argmax(dim=-1))
         if position is not None:
             position.add_(1)
@@ -37,9 +43,17 @@ def next_tokens_(logits: torch.Tensor, tokens: torch.Tensor, position: torch.Ten
     triton_next_tokens_(logits, tokens, position)
 
 
+@functools.lru_cache(maxsize=1)
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def triton_next_tokens_(logits: torch.Tensor, tokens: torch.Tensor, position: torch.Tensor | None = None,
                         chunk: int = CHUNK) -> None:
-    """next_tokens_ through the two kernels (any device Triton runs on)."""
+    """next_tokens_ through the two kernels (any device Triton runs on); chunk: logits per
+    program of the first kernel, a power of two."""
+    if chunk < 1 or chunk & (chunk - 1):
+        raise ValueError(f"next_tokens_: chunk {chunk!r}; allowed: a power of two")
     batch, vocab = logits.shape
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
@@ -70,6 +84,7 @@ def _kernels():
         part = tl.program_id(1)
         cols = part * CHUNK + tl.arange(0, CHUNK)
         x = tl.load(logits_ptr + row.to(tl.int64) * stride_row + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+        x = tl.where(x == x, x, float("-inf"))  # NaN counts as -inf
         top = tl.max(x, axis=0)
         first = tl.min(tl.where(x == top, cols, vocab), axis=0)  # the first column reaching the max
         tl.store(max_ptr + row * chunks + part, top)
@@ -87,7 +102,6 @@ def _kernels():
         tops = tl.load(max_ptr + row * chunks + parts, mask=ok, other=float("-inf"))
         top = tl.max(tops, axis=0)
         best = tl.min(tl.where(ok & (tops == top), parts, ALL_CHUNKS), axis=0)  # the first slice holding it
-        best = tl.minimum(best, chunks - 1)  # a row of -inf only: its first slice, as argmax gives index 0
         tl.store(tokens_ptr + row, tl.load(index_ptr + row * chunks + best).to(tokens_ptr.dtype.element_ty))
         if ADVANCE:
             if row == 0:

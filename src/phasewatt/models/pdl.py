@@ -84,9 +84,9 @@ def reset_launched() -> None:
 
 
 def launched() -> bool:
-    """Whether a kernel was launched with PDL since reset_launched (what the engine records:
-    on a GPU that has PDL a model may still run none of these kernels, e.g. GQA with
-    gemv_max_rows 0 and matmul attention)."""
+    """Whether a kernel was launched with PDL since reset_launched (what the engine records).
+    Since the greedy kernels (models/greedy.py) end every step, on a GPU that has PDL this
+    is True whenever the switch is on, whatever the model's other kernels are."""
     return _switch["launched"]
 
 
