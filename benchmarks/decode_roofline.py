@@ -409,9 +409,10 @@ def plan(specs: list[ModelSpec], args) -> list[tuple]:
 
 
 def _applies(variant: str, spec: ModelSpec, on_cuda: bool) -> bool:
-    """Whether a variant is worth a row for this model: a +sdpa/+matmul suffix only where the
-    model has that choice and it is not what the engine picks on this device anyway."""
-    attention = variant.split("@")[0].partition("+")[2]
+    """Whether a variant is worth a row for this model: a decode attention it names (+sdpa,
+    +matmul, @decode_attention=...) only where the model has that choice and it is not what
+    the engine picks on this device anyway."""
+    attention = variant_options(variant).get("decode_attention")
     if not attention:
         return True
     cls = model_class(spec.arch)

@@ -206,13 +206,7 @@ class NativeEngine:
         rows = self.options["gemv_max_rows"]
         if rows != "auto":
             return rows
-        if not self.on_cuda or self.batch > GEMV_AUTO_ROWS:
-            return 0
-        import importlib
-
-        try:
-            importlib.import_module("triton")
-        except ImportError:
+        if not self.on_cuda or self.batch > GEMV_AUTO_ROWS or not pdl.triton_importable():
             return 0
         return GEMV_AUTO_ROWS
 

@@ -17,7 +17,6 @@ it is torch.argmax, copy and add.
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
 
@@ -35,17 +34,12 @@ def next_tokens_(logits: torch.Tensor, tokens: torch.Tensor, position: torch.Ten
         raise ValueError(f"next_tokens_: logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)}; need [B, V] and [B]")
     if position is not None and position.shape != (1,):
         raise ValueError(f"next_tokens_: position {tuple(position.shape)}; need [1]")
-    if not (logits.is_cuda and logits.dtype in KERNEL_DTYPES and _triton_importable()):
+    if not (logits.is_cuda and logits.dtype in KERNEL_DTYPES and pdl.triton_importable()):
         tokens.copy_(logits.argmax(dim=-1))
         if position is not None:
             position.add_(1)
         return
     triton_next_tokens_(logits, tokens, position)
-
-
-@functools.lru_cache(maxsize=1)
-def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
 
 
 def triton_next_tokens_(logits: torch.Tensor, tokens: torch.Tensor, position: torch.Tensor | None = None,

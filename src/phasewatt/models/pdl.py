@@ -56,6 +56,19 @@ def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
 
+def triton_importable() -> bool:
+    """Whether Triton imports here (it ships with CUDA torch; CI's CPU machines have none): what
+    decides whether the decode step's Triton kernels can be used at all. Not cached: once
+    imported, asking again is a lookup in sys.modules."""
+    import importlib
+
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False
+    return True
+
+
 def interpreted() -> bool:
     """Whether Triton runs kernels in its interpreter (read by triton when a kernel is built)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
