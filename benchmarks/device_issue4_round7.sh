@@ -7,6 +7,8 @@
 #   TESTS_S=0 SWEEP_S=0 MLA_BENCH_S=100 MODELS=mla OUT=... bash benchmarks/device_issue4_round7.sh
 #   TESTS_S=0 SWEEP_ARGS= SWEEP_MODELS= OUT=... bash benchmarks/device_issue4_round7.sh   (re-tune MLA's shapes)
 #   TESTS_S=0 SWEEP_S=0 MODELS=mla BATCHES=1,8 VARIANTS=compile@l2_prefetch_mb=0,compile OUT=... bash ...   (round 8: L2 prefetch)
+#   TESTS=tests/test_mla_attention_gpu.py SWEEP_S=0 MLA_BENCH_S=200 MLA_BENCH_ARGS= MLA_BENCH_BATCHES=1,2,4,8 MODELS=mla
+#     VARIANTS=compile,compile@mla_one_kernel_batch=0 OUT=... bash ...   (round 9: MLA's one-kernel attention)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the directory that comes back}"
@@ -30,9 +32,9 @@ if [ "${SWEEP_S:-240}" -gt 0 ]; then
 fi
 if [ "${MLA_BENCH_S:-0}" -gt 0 ]; then
     # shellcheck disable=SC2086
-    timeout "$((${MLA_BENCH_S} + 60))" python3 benchmarks/mla_attention_bench.py --batches 1 --caches 640:512,2176:2100 \
+    timeout "$((${MLA_BENCH_S} + 60))" python3 benchmarks/mla_attention_bench.py --batches "${MLA_BENCH_BATCHES:-1}" --caches 640:512,2176:2100 \
         --budget-s "${MLA_BENCH_S}" ${MLA_BENCH_ARGS:---no-sweep} --out "$OUT" >"$OUT/mla_attention_bench.log" 2>&1
-    echo "mla_attention_bench exit $?"; grep -E "^\| 1 " "$OUT/mla_attention_bench.md" | cut -c1-160
+    echo "mla_attention_bench exit $?"; grep -E "^\| [0-9]+ " "$OUT/mla_attention_bench.md" | cut -c1-160
 fi
 if [ "${ROOFLINE_S:-240}" -gt 0 ]; then
     timeout "${ROOFLINE_S:-240}" python3 benchmarks/decode_roofline.py --models "${MODELS:-gqa,gqa-control,mla,gdn,mamba2}" --batches "${BATCHES:-1}" \

@@ -54,13 +54,14 @@ SWEEP = [
     {"partial_positions": 16}, {"partial_positions": 32}, {"partial_positions": 64}, {"partial_positions": 128},
     {"partial_heads": 32}, {"partial_heads": 64},
     {"partial_warps": 2}, {"partial_warps": 8}, {"partial_stages": 1}, {"partial_stages": 2},
+    {"partial_max_slices": 16}, {"partial_max_slices": 64},
     {"merge_seqs": 1}, {"merge_seqs": 16},
     {"merge_v_block": 16}, {"merge_v_block": 32}, {"merge_v_block": 64},
     {"merge_warps": 2}, {"merge_warps": 8},
     {"absorb_channels": 32}, {"absorb_channels": 128},
 ]
 PREVIOUS = {"absorb_channels": 64, "partial_heads": 16, "partial_positions": 64, "partial_warps": 4, "partial_stages": 3,
-            "merge_seqs": 16, "merge_v_block": 64, "merge_warps": 4}
+            "partial_max_slices": 1 << 20, "merge_seqs": 16, "merge_v_block": 64, "merge_warps": 4}  # slices then uncapped
 TORCH = "torch matmul (compiled)"
 NO_PDL = "fused, PDL off"  # the defaults launched without programmatic dependent launch
 COLUMNS = ["batch", "cache", "pos", "impl", "blocks", "status", "us_per_layer", "vs_torch", "vs_default", "read_kb", "tb_s",

@@ -205,10 +205,11 @@ def test_block_sizes_by_batch_and_keyword():
     assert ma.block_sizes(1, 256, 128)["merge_v_block"] == ma.MERGE_V_BLOCK  # a wider v_dim is split
     assert ma.block_sizes(1, 256, 64, merge_seqs=16)["merge_v_block"] == 64
     assert ma.block_sizes(32, 256, 64, merge_seqs=1)["merge_v_block"] == ma.MERGE_V_BLOCK
+    assert small["partial_max_slices"] == large["partial_max_slices"] == ma.MERGE_SLICE_CHUNK  # one chunk a merge
     given = ma.block_sizes(1, 128, 32, absorb_channels=512, partial_heads=32, partial_positions=16, partial_warps=8,
-                           partial_stages=1, merge_seqs=32, merge_v_block=64, merge_warps=2)
+                           partial_stages=1, partial_max_slices=5, merge_seqs=32, merge_v_block=64, merge_warps=2)
     assert given == dict(absorb_channels=128, partial_heads=32, partial_positions=16, partial_warps=8, partial_stages=1,
-                         merge_seqs=32, merge_v_block=32, merge_warps=2)
+                         partial_max_slices=5, merge_seqs=32, merge_v_block=32, merge_warps=2)
 
 
 @pytest.mark.parametrize("keyword,value,allowed", [
@@ -220,6 +221,7 @@ def test_block_sizes_by_batch_and_keyword():
     ("merge_seqs", 8, "1 or powers of two >= 16"),
     ("partial_warps", 3, "1, 2, 4, 8, 16"),
     ("partial_stages", 0, "integers >= 1"),
+    ("partial_max_slices", 0, "integers >= 1"),
 ])
 def test_block_sizes_refuse_blocks_the_kernels_cannot_take(keyword, value, allowed):
     with pytest.raises(ValueError, match=f"{keyword} {value}; allowed: {allowed}"):
@@ -233,6 +235,19 @@ def test_cache_slices_of_other_block_sizes_cover_the_cache_in_whole_blocks(batch
     assert (slices - 1) * slice_len < cache_len <= slices * slice_len
     if slice_len > positions:  # longer slices only when the programs would otherwise exceed the target
         assert batch * head_blocks * slices * slice_len // positions >= 132 * da.PROGRAMS_PER_SM
+
+
+@pytest.mark.parametrize("cache_len,positions,max_slices,expected", [
+    (2176, 64, 32, (17, 128)),  # MiniCPM3 at 2048, batch 1: 34 slices of one step -> 17 of two
+    (2176, 64, 34, (34, 64)),   # the cap reached, not passed: unchanged
+    (640, 64, 32, (10, 64)),    # under the cap: unchanged
+    (8192, 16, 32, (32, 256)),
+    (640, 64, 1, (1, 640)),     # one slice: the whole cache
+])
+def test_cache_slices_at_most_max_slices(cache_len, positions, max_slices, expected):
+    assert da.cache_slices(1, 3, cache_len, 132, positions, max_slices) == expected
+    slices, slice_len = expected
+    assert slices <= max_slices and (slices - 1) * slice_len < cache_len <= slices * slice_len
 
 
 def test_bench_sweeps_distinct_block_sizes_and_combines_the_winners():

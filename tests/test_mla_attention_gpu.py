@@ -101,6 +101,8 @@ BLOCK_CASES = [
     (1, dict(absorb_channels=512)),                # capped at kv_lora: one channel block
     (1, dict(partial_warps=8, partial_stages=1, merge_warps=8)),
     (1, dict(partial_warps=2, partial_stages=4, merge_warps=2)),
+    (1, dict(partial_max_slices=3)),               # slices of several steps, the last part-filled
+    (2, dict(partial_max_slices=1)),               # one slice: the merge of a single partial
 ]
 
 

@@ -101,13 +101,17 @@ def _(qkv, k_cache, v_cache, input_pos, cos, sin, q_norm_weight, k_norm_weight, 
     return qkv.new_empty((qkv.shape[0], n_heads * k_cache.shape[-1]))
 
 
-def cache_slices(batch: int, n_kv_heads: int, cache_len: int, sm_count: int, positions: int = BLOCK_POSITIONS) -> tuple[int, int]:
+def cache_slices(batch: int, n_kv_heads: int, cache_len: int, sm_count: int, positions: int = BLOCK_POSITIONS,
+                 max_slices: int | None = None) -> tuple[int, int]:
     """(slices, positions per slice): enough (sequence, KV head or head block, slice) programs
     for about PROGRAMS_PER_SM per multiprocessor, slices whole multiples of `positions` (the
-    kernel's positions per inner step; MLA's partial kernel passes its own)."""
+    kernel's positions per inner step; MLA's partial kernel passes its own) and, given
+    max_slices, at most that many (longer slices instead)."""
     blocks = -(-cache_len // positions)
     wanted = max(1, -(-PROGRAMS_PER_SM * sm_count // (batch * n_kv_heads)))
     blocks_per_slice = max(1, blocks // wanted)
+    if max_slices is not None:
+        blocks_per_slice = max(blocks_per_slice, -(-blocks // max_slices))
     return -(-blocks // blocks_per_slice), blocks_per_slice * positions
 
 

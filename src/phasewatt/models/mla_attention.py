@@ -68,6 +68,10 @@ MERGE_V_BLOCK = 64
 MERGE_WARPS = 4
 # Slices a one-sequence merge program loads per step (a [chunk, kv_lora] float32 tile).
 MERGE_SLICE_CHUNK = 32
+# At most this many cache slices by default (longer slices instead): each chunk of slices is
+# one more round of loads in the merge, the chain's last kernel. At 1 x 2176 on an H100 the
+# 34 slices of 64 positions took 11.8 us a layer, 17 of 128 10.3 (RESULTS.md, round 9).
+PARTIAL_MAX_SLICES = MERGE_SLICE_CHUNK
 
 
 def _power_of_two(n) -> bool:
@@ -76,7 +80,8 @@ def _power_of_two(n) -> bool:
 
 def block_sizes(batch: int, kv_lora: int, v_dim: int, absorb_channels: int | None = None, partial_heads: int | None = None,
                 partial_positions: int | None = None, partial_warps: int | None = None, partial_stages: int | None = None,
-                merge_seqs: int | None = None, merge_v_block: int | None = None, merge_warps: int | None = None) -> dict:
+                partial_max_slices: int | None = None, merge_seqs: int | None = None, merge_v_block: int | None = None,
+                merge_warps: int | None = None) -> dict:
     """The kernels' block sizes for a batch: each keyword given as a power of two (merge_seqs 1
     or >= 16; block sizes that feed a tensor-core product >= 16), None for the default above;
     absorb_channels and merge_v_block are capped at kv_lora and v_dim (powers of two, so the
@@ -88,6 +93,7 @@ def block_sizes(batch: int, kv_lora: int, v_dim: int, absorb_channels: int | Non
         "partial_positions": PARTIAL_POSITIONS if partial_positions is None else partial_positions,
         "partial_warps": PARTIAL_WARPS if partial_warps is None else partial_warps,
         "partial_stages": PARTIAL_STAGES if partial_stages is None else partial_stages,
+        "partial_max_slices": PARTIAL_MAX_SLICES if partial_max_slices is None else partial_max_slices,
         "merge_seqs": (1 if small else BLOCK_SEQS) if merge_seqs is None else merge_seqs,
         "merge_warps": MERGE_WARPS if merge_warps is None else merge_warps,
     }
@@ -100,8 +106,9 @@ def block_sizes(batch: int, kv_lora: int, v_dim: int, absorb_channels: int | Non
     for name in ("partial_warps", "merge_warps"):
         if sizes[name] not in (1, 2, 4, 8, 16):
             raise ValueError(f"mla_decode_attention: {name} {sizes[name]!r}; allowed: 1, 2, 4, 8, 16")
-    if not isinstance(sizes["partial_stages"], int) or sizes["partial_stages"] < 1:
-        raise ValueError(f"mla_decode_attention: partial_stages {sizes['partial_stages']!r}; allowed: integers >= 1")
+    for name in ("partial_stages", "partial_max_slices"):
+        if not isinstance(sizes[name], int) or isinstance(sizes[name], bool) or sizes[name] < 1:
+            raise ValueError(f"mla_decode_attention: {name} {sizes[name]!r}; allowed: integers >= 1")
     if sizes["merge_seqs"] != 1 and not (_power_of_two(sizes["merge_seqs"]) and sizes["merge_seqs"] >= 16):
         raise ValueError(f"mla_decode_attention: merge_seqs {sizes['merge_seqs']!r}; allowed: 1 or powers of two >= 16")
     sizes["absorb_channels"] = min(sizes["absorb_channels"], kv_lora)
@@ -205,8 +212,8 @@ def triton_attend(q, kv_a, latent, input_pos, cos, sin, kv_a_norm_weight, kv_b_w
                   rope_interleaved, sm_count: int | None = None, **blocks) -> torch.Tensor:
     """attend_torch through the three kernels (any device Triton runs on; sm_count defaults to
     the CUDA device's). blocks: block_sizes' keywords (absorb_channels, partial_heads,
-    partial_positions, partial_warps, partial_stages, merge_seqs, merge_v_block, merge_warps);
-    those left out take the defaults for this batch."""
+    partial_positions, partial_warps, partial_stages, partial_max_slices, merge_seqs,
+    merge_v_block, merge_warps); those left out take the defaults for this batch."""
     batch, cache_len, width = latent.shape
     rope = cos.shape[-1]
     kv_lora = width - rope
@@ -226,7 +233,7 @@ def triton_attend(q, kv_a, latent, input_pos, cos, sin, kv_a_norm_weight, kv_b_w
     if sm_count is None:
         sm_count = multiprocessors(q.device.index if q.device.index is not None else torch.cuda.current_device())
     head_blocks = -(-n_heads // sizes["partial_heads"])
-    slices, slice_len = cache_slices(batch, head_blocks, cache_len, sm_count, sizes["partial_positions"])
+    slices, slice_len = cache_slices(batch, head_blocks, cache_len, sm_count, sizes["partial_positions"], sizes["partial_max_slices"])
     q = q.contiguous()
     absorb, partial, merge = _kernels()
     launch = pdl.launch_args(q.device)
