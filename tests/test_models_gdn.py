@@ -178,3 +178,28 @@ def test_in_proj_rows_are_padded_to_16_byte_rows_that_nothing_reads(tmp_path):
         for layer in ours.layers:
             layer.mixer.in_proj.weight[layer.mixer.in_proj_rows :].normal_()
     assert all(torch.equal(a, b) for a, b in zip(prefill_and_decode(), expected))
+
+
+def test_alignment_benchmark_times_the_unpadded_and_padded_in_proj(tmp_path):
+    """benchmarks/gemm_alignment.py: its default shapes are config.yaml's gdn in_proj (rows as
+    read, then padded; K = d_model); its smoke run writes one row per (mode, tokens, n), each
+    width's time over the last width's at the same mode and tokens (the last at 1)."""
+    import csv
+    import sys
+
+    import yaml
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gemm_alignment
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text())
+    mixer = GatedDeltaNetModel(ModelSpec.from_config("gdn", config["models"]["gdn"]), device="meta").layers[0].mixer
+    defaults = gemm_alignment.parse_args(["--out", str(tmp_path)])
+    assert defaults.n_list == [mixer.in_proj_rows, mixer.in_proj.out_features] and defaults.k == config["models"]["gdn"]["d_model"]
+    assert gemm_alignment.main(["--smoke", "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader((tmp_path / "gemm_alignment.csv").open()))
+    shapes = [("4", "30"), ("4", "32"), ("16", "30"), ("16", "32")]
+    assert [(r["mode"], r["tokens"], r["n"]) for r in rows] == [(mode, *shape) for mode in ("eager", "compiled") for shape in shapes]
+    assert [float(r["vs_last_n"]) for r in rows][1::2] == [1.0] * 4 and all(float(r["ms"]) > 0 for r in rows)
+    with pytest.raises(SystemExit):
+        gemm_alignment.parse_args(["--out", str(tmp_path), "--n", "13842,x"])
