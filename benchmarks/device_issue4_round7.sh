@@ -7,8 +7,8 @@
 #   TESTS_S=0 SWEEP_S=0 MLA_BENCH_S=100 MODELS=mla OUT=... bash benchmarks/device_issue4_round7.sh
 #   TESTS_S=0 SWEEP_ARGS= SWEEP_MODELS= OUT=... bash benchmarks/device_issue4_round7.sh   (re-tune MLA's shapes)
 #   TESTS_S=0 SWEEP_S=0 MODELS=mla BATCHES=1,8 VARIANTS=compile@l2_prefetch_mb=0,compile OUT=... bash ...   (round 8: L2 prefetch)
-#   TESTS=tests/test_mla_attention_gpu.py SWEEP_S=0 MLA_BENCH_S=200 MLA_BENCH_ARGS= MLA_BENCH_BATCHES=1,2,4,8 MODELS=mla
-#     VARIANTS=compile,compile@mla_one_kernel_batch=0 OUT=... bash ...   (round 9: MLA's one-kernel attention)
+#   TESTS=tests/test_mla_attention_gpu.py SWEEP_S=0 MLA_BENCH_S=150 MLA_BENCH_ARGS="--reps 20" MLA_BENCH_BATCHES=1 MODELS=mla
+#     PROMPTS=512,2048 OUT=... bash ...   (round 9; an empty MLA_BENCH_ARGS means the default --no-sweep)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the directory that comes back}"
