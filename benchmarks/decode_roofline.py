@@ -106,11 +106,17 @@ def parse_args(argv=None):
     p.add_argument("--prefill-max-tokens", type=int, default=65536, help="time prefill only up to batch x prompt of this many tokens")
     p.add_argument("--budget-s", type=float, default=300.0, help="start no configuration after this many seconds")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=os.environ.get("OUT"))
     p.add_argument("--smoke", action="store_true", help="tiny models on CPU, to check the script")
+    return parse_with_out(p, argv)
+
+
+def parse_with_out(p: argparse.ArgumentParser, argv=None, writes: str = "tables"):
+    """p's arguments plus --out (default $OUT), which must be given one way or the other: the
+    folder a benchmark script writes its `writes` to (the device call's $OUT comes back)."""
+    p.add_argument("--out", default=os.environ.get("OUT"))
     args = p.parse_args(argv)
     if not args.out:
-        p.error("--out or $OUT: the directory the tables are written to")
+        p.error(f"--out or $OUT: the directory to write the {writes} to")
     return args
 
 

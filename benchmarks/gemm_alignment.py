@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import os
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from decode_roofline import environment  # a sibling script: the same environment line
+from decode_roofline import environment, parse_with_out  # a sibling script: the same environment line and --out
 from phasewatt.io import write_text
 
 COLUMNS = ["mode", "tokens", "n", "k", "ms", "tflop_s", "vs_last_n", "kernels"]
@@ -45,11 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--k", type=int, default=3072, help="input width (the gdn model's d_model)")
     p.add_argument("--tokens", default="512,2048,16384", help="comma-separated rows of x (prefill tokens per product)")
     p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--out", default=os.environ.get("OUT"))
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, to check the script")
-    args = p.parse_args(argv)
-    if not args.out:
-        p.error("--out or $OUT: the directory the tables are written to")
+    args = parse_with_out(p, argv)
     try:
         args.n_list = [int(v) for v in args.n.split(",")]
         args.token_list = [int(v) for v in args.tokens.split(",")]

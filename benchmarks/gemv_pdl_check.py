@@ -26,13 +26,12 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import os
 import sys
 from pathlib import Path
 
 import torch
 
-from decode_roofline import Timer, copy_bandwidth, environment, graph_replay_seconds  # a sibling script: the same bandwidth probe
+from decode_roofline import Timer, copy_bandwidth, environment, graph_replay_seconds, parse_with_out  # a sibling script: the same bandwidth probe
 from phasewatt.io import write_text
 from phasewatt.models import gemv, pdl as pdl_switch
 
@@ -65,10 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--weight-gb", type=float, default=6.0, help="distinct weight bytes per chain, cycled (>> L2)")
     p.add_argument("--reps", type=int, default=20, help="timed graph replays (median)")
     p.add_argument("--chains", default=",".join(CHAINS), help="comma-separated chain names")
-    p.add_argument("--out", default=os.environ.get("OUT"))
-    args = p.parse_args(argv)
-    if not args.out:
-        p.error("--out or $OUT: the directory the tables are written to")
+    args = parse_with_out(p, argv)
     unknown = [c for c in args.chains.split(",") if c not in CHAINS]
     if unknown:
         p.error(f"--chains: {', '.join(unknown)}; allowed: {', '.join(CHAINS)}")

@@ -22,7 +22,6 @@ import argparse
 import itertools
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 import yaml
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from decode_roofline import Timer, copy_bandwidth, graph_replay_seconds  # a sibling script: the same bandwidth probe
+from decode_roofline import Timer, copy_bandwidth, graph_replay_seconds, parse_with_out  # a sibling script: the same bandwidth probe
 from phasewatt.config import exit_on_error, select_model_specs
 from phasewatt.io import write_json, write_text
 from phasewatt.models import gemv
@@ -56,12 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=360.0, help="stop tuning new shapes after this many seconds")
     p.add_argument("--only-missing", action="store_true", help="tune only the shapes the package's table for this GPU lacks")
     p.add_argument("--write-table", default="auto", help="tuned table path; auto = the package's gemv_configs/<GPU>.json; none = do not write")
-    p.add_argument("--out", default=os.environ.get("OUT"))
     p.add_argument("--smoke", action="store_true", help="CPU: list the shapes and time F.linear only")
-    args = p.parse_args(argv)
-    if not args.out:
-        p.error("--out or $OUT: the directory the results are written to")
-    return args
+    return parse_with_out(p, argv, writes="results")
 
 
 class _Products(TorchDispatchMode):

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from decode_roofline import Timer, copy_bandwidth, environment, graph_replay_seconds  # a sibling script: the same bandwidth probe
+from decode_roofline import Timer, copy_bandwidth, environment, graph_replay_seconds, parse_with_out  # a sibling script: the same bandwidth probe
 from phasewatt.io import write_text
 from phasewatt.models import mla_attention as ma, pdl
 from phasewatt.models.layers import precompute_rope
@@ -76,11 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=20, help="timed graph replays (median)")
     p.add_argument("--budget-s", type=float, default=100.0, help="start no row after this many seconds")
     p.add_argument("--no-sweep", action="store_true", help="only the torch form and the defaults")
-    p.add_argument("--out", default=os.environ.get("OUT"))
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU through Triton's interpreter")
-    args = p.parse_args(argv)
-    if not args.out:
-        p.error("--out or $OUT: the directory the tables are written to")
+    args = parse_with_out(p, argv)
     try:
         args.batch_list = [int(b) for b in args.batches.split(",")]
         args.cache_list = [tuple(int(x) for x in c.split(":")) for c in args.caches.split(",")]

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import sys
 import time
 import traceback
@@ -40,7 +39,7 @@ from phasewatt.models.spec import ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_roofline import SMOKE_MODELS  # noqa: E402  (the benchmark's tiny shapes)
+from decode_roofline import SMOKE_MODELS, parse_with_out  # noqa: E402  (the benchmark's tiny shapes, --out)
 
 NAME_CHARS = 100
 
@@ -55,12 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--options", default="", help="engine options as key=value,... (yaml values), e.g. prefill_graph=false")
     p.add_argument("--budget-s", type=float, default=220.0, help="start no configuration after this many seconds")
-    p.add_argument("--out", default=os.environ.get("OUT"))
     p.add_argument("--smoke", action="store_true", help="tiny models on CPU, to check the script")
-    args = p.parse_args(argv)
-    if not args.out:
-        p.error("--out or $OUT: the directory the report is written to")
-    return args
+    return parse_with_out(p, argv, writes="report")
 
 
 def parse_configs(text: str) -> list[tuple[int, int]]:
