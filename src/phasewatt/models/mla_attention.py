@@ -69,8 +69,8 @@ MERGE_WARPS = 4
 # Slices a one-sequence merge program loads per step (a [chunk, kv_lora] float32 tile).
 MERGE_SLICE_CHUNK = 32
 # At most this many cache slices by default (longer slices instead): each chunk of slices is
-# one more round of loads in the merge, the chain's last kernel. At 1 x 2176 on an H100 the
-# 34 slices of 64 positions took 11.8 us a layer, 17 of 128 10.3 (RESULTS.md, round 9).
+# one more round of loads in the merge, the chain's last kernel. At 1 x 2176 on an H100, 17
+# slices of 128 positions where 34 of 64 were: 10.6 -> 10.2 us a layer (RESULTS.md, round 9).
 PARTIAL_MAX_SLICES = MERGE_SLICE_CHUNK
 
 
