@@ -23,15 +23,13 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from decode_roofline import environment, parse_with_out  # a sibling script: the same environment line and --out
+from decode_roofline import Timer, environment, parse_with_out  # a sibling script: the same timer, environment line and --out
 from phasewatt.io import write_text
 
 COLUMNS = ["mode", "tokens", "n", "k", "ms", "tflop_s", "vs_last_n", "kernels"]
@@ -56,28 +54,9 @@ def parse_args(argv=None):
     return args
 
 
-def time_call(fn, reps: int) -> float:
-    """Median seconds of fn(): CUDA events on a GPU, perf_counter on CPU."""
-    fn()  # warm: cuBLAS picks and loads its kernel, inductor compiles
-    times = []
-    for _ in range(reps):
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def kernel_names(fn) -> str:
+def kernel_names(fn, device: torch.device) -> str:
     """The GPU kernels of one fn() call, longest first, as torch.profiler names them ('-' on CPU)."""
-    if not torch.cuda.is_available():
+    if device.type != "cuda":
         return "-"
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()
@@ -88,6 +67,7 @@ def kernel_names(fn) -> str:
 
 def measure(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
     rows = []
+    timer = Timer(device)
     gen = torch.Generator(device).manual_seed(0)
     # One compiled graph per shape: room for all of them, none falling back to eager.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(args.token_list) * len(args.n_list))
@@ -98,9 +78,11 @@ def measure(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
             x = torch.randn(tokens, args.k, device=device, dtype=dtype, generator=gen)
             for n in args.n_list:
                 w = torch.randn(n, args.k, device=device, dtype=dtype, generator=gen) * args.k**-0.5
-                seconds = time_call(lambda: linear(x, w), args.reps)
+                linear(x, w)  # warm: cuBLAS picks and loads its kernel, inductor compiles
+                seconds = timer.median(lambda: linear(x, w), args.reps)
                 rows.append({"mode": mode, "tokens": tokens, "n": n, "k": args.k, "ms": seconds * 1e3,
-                             "tflop_s": 2 * tokens * n * args.k / seconds / 1e12, "kernels": kernel_names(lambda: linear(x, w))})
+                             "tflop_s": 2 * tokens * n * args.k / seconds / 1e12,
+                             "kernels": kernel_names(lambda: linear(x, w), device)})
             reference = rows[-1]["ms"]
             for row in rows[-len(args.n_list):]:
                 row["vs_last_n"] = row["ms"] / reference
